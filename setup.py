@@ -1,0 +1,52 @@
+"""Build of fused_pool and its optional C++/CUDA extension ``fused_pool._C``.
+
+The extension is compiled from ``csrc/*.cpp`` and ``csrc/cpu/*.cpp`` (plus ``csrc/cuda/*.cu`` when
+torch has CUDA and ``nvcc`` is found) through ``torch.utils.cpp_extension`` with ninja. It is
+optional: with no sources, or when the compiler fails, the pure-Python package still installs and
+``fused_pool.backend_status()`` says why the ``"cpp"`` backend is unavailable.
+
+Environment: ``FUSED_POOL_NO_EXT=1`` skips the extension; ``FUSED_POOL_REQUIRE_EXT=1`` makes a
+failed build an error (CI uses it so a broken kernel cannot hide).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    if os.environ.get("FUSED_POOL_NO_EXT") == "1":
+        return [], {}
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    if not sources:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    class OptionalBuildExtension(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure
+                if os.environ.get("FUSED_POOL_REQUIRE_EXT") == "1":
+                    raise
+                print(f"WARNING: fused_pool._C was not built ({exc}); the 'cpp' backend will be "
+                      "unavailable", file=sys.stderr)
+
+    ext = CppExtension(
+        "fused_pool._C",
+        sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+    )
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
