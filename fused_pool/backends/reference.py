@@ -228,7 +228,7 @@ def attention_pool(
     e = torch.exp(s - m[:, None])  # 0 at padding
     denom = e.sum(1)
     prob = e / torch.where(nonempty, denom, 1)[:, None]
-    out = (prob[..., None] * xz).sum(1).reshape(p.x.shape[0], -1)
+    out = (prob[..., None] * xz).sum(1).reshape(p.x.shape[0], p.x.shape[2])
     lse = torch.where(nonempty, m + denom.log(), float("-inf"))
     return out.to(x.dtype), lse
 
