@@ -255,7 +255,7 @@ def attention_pool_backward(
     valid = p.vmask(s)
     prob = torch.where(valid, torch.exp(torch.where(valid, s, 0) - lse[:, None].to(acc)), 0)
     b, h = lse.shape
-    gh = grad.to(acc).reshape(b, 1, h, -1)
+    gh = grad.to(acc).reshape(b, 1, h, p.x.shape[2] // h)
     c = (gh * xz).sum(-1)  # [B, Lp, H]
     delta = (prob * c).sum(1, keepdim=True)
     gs = prob * (c - delta)
