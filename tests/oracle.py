@@ -138,7 +138,9 @@ def weighted_layers(layers, weights, *, dtype=torch.float64):
 
 
 def weighted_layer_mean(layers, weights, mask=None, *, dtype=torch.float64):
-    return mean(weighted_layers(layers, weights, dtype=dtype), mask, dtype=dtype)
+    """The mean over valid tokens of each layer, then weighted: padding is never touched."""
+    w = weights.to(dtype)
+    return sum(w[i] * mean(h, mask, dtype=dtype) for i, h in enumerate(layers)) / w.sum()
 
 
 def layer_norm(x, shape, weight, bias, eps, *, dtype=torch.float64):

@@ -122,7 +122,8 @@ def test_backward_matches_oracle(tgt, op, dtype):
         x, mask, extras = _inputs(op, tgt, b, length, d, dtype)
         inputs = [leaf(x), *[leaf(e) for e in extras]]
         out = op.run(inputs[0], mask, None, *inputs[1:])
-        proj = rand(*out.shape, dtype=torch.float64, device=tgt.device)
+        # The upstream gradient as the op sees it (rounded to its dtype), for every reference.
+        proj = rand(*out.shape, dtype=torch.float64, device=tgt.device).to(dtype)
         got = torch.autograd.grad(out, inputs, proj.to(out.dtype))
 
         def ref_grads(dt):

@@ -12,6 +12,8 @@ formula they must match; ``gradcheck`` in the tests checks every one against fin
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -414,8 +416,8 @@ def rms_norm_backward(grad, x, normalized_ndim, weight, rstd):
 def instance_norm(x, weight, bias, eps):
     """Per (sample, channel) of ``x [B, C, *]``: ``(x - mean) * rstd * w[c] + b[c]``."""
     acc = acc_dtype(x.dtype)
-    b, c = x.shape[0], x.shape[1]
-    xa = x.to(acc).reshape(b, c, -1)
+    b, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    xa = x.to(acc).reshape(b, c, s)
     mean = xa.mean(2, keepdim=True)
     rstd = torch.rsqrt(((xa - mean) ** 2).mean(2, keepdim=True) + eps)
     y = _affine((xa - mean) * rstd, weight, bias, (c, 1))
@@ -424,10 +426,10 @@ def instance_norm(x, weight, bias, eps):
 
 def instance_norm_backward(grad, x, weight, bias, mean, rstd):
     acc = acc_dtype(x.dtype)
-    b, c = x.shape[0], x.shape[1]
-    g = grad.to(acc).reshape(b, c, -1)
+    b, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    g = grad.to(acc).reshape(b, c, s)
     r = rstd.reshape(b, c, 1)
-    xhat = (x.to(acc).reshape(b, c, -1) - mean.reshape(b, c, 1)) * r
+    xhat = (x.to(acc).reshape(b, c, s) - mean.reshape(b, c, 1)) * r
     gxhat = g if weight is None else g * weight.to(acc).reshape(c, 1)
     count = max(1, g.shape[2])
     gx = _norm_backward(gxhat, xhat, r, (2,), count, True).reshape(x.shape).to(x.dtype)
