@@ -1,19 +1,22 @@
 """The operator schemas every backend implements.
 
 Each backend owns a ``torch.library`` namespace ``fused_pool_<backend>`` (``fused_pool_torch``,
-``fused_pool_triton``, ``fused_pool_cpp``) holding exactly these operators with exactly these
-signatures. The C++ extension declares the same strings in ``TORCH_LIBRARY``; ``_ops.py`` registers
-one fake kernel and one autograd formula per forward operator for every namespace, so a new backend
-only has to provide the kernels.
+``fused_pool_triton``, ``fused_pool_cpp``) holding exactly these operators with exactly
+these signatures. The C++ extension declares the same strings in ``TORCH_LIBRARY``;
+``_ops.py`` registers one fake kernel and one autograd formula per forward operator for every
+namespace, so a new backend only has to provide the kernels.
 
 Conventions shared by all operators (the public functions in ``functional.py`` guarantee them):
 
-* Pooled input comes in one of two layouts. Padded: ``x`` is ``[B, L, D]`` and ``mask`` is a bool
-  ``[B, L]`` tensor or ``None`` (all valid); ``cu_seqlens`` is ``None``. Packed: ``x`` is ``[T, D]``,
-  ``mask`` is ``None`` and ``cu_seqlens`` is an int32/int64 ``[B + 1]`` tensor of row offsets.
-  ``x`` may have any strides.
+* Pooled input comes in one of two layouts. Padded: ``x`` is ``[B, L, D]`` and ``mask`` is a
+  bool ``[B, L]`` tensor or ``None`` (all valid); ``cu_seqlens`` is ``None``. Packed: ``x`` is
+  ``[T, D]``, ``mask`` is ``None`` and ``cu_seqlens`` is an int32/int64 ``[B + 1]`` tensor of
+  row offsets. ``x`` and ``mask`` may have any strides.
+* The gradient passed to a pooling backward (``[B, D]``, ``[B, 2D]`` or ``[B, K, D]``) is
+  contiguous; other gradients may have any strides.
 * ``num_tokens`` in a backward is ``L`` (padded) or ``T`` (packed): the token extent of ``grad_x``.
-* Indices are int64 positions *within the sequence* (``0 .. len - 1``), ``-1`` where no token exists.
+* Indices are int64 positions *within the sequence* (``0 .. len - 1``), ``-1`` where no token
+  exists.
 * ``lse`` (attention), ``mean`` and ``rstd`` (norms) are float32 (float64 for float64 input) and are
   only meant for the matching backward.
 * A backward returns a zero-size tensor for the gradient of an optional input that was ``None``.

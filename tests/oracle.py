@@ -143,9 +143,12 @@ def weighted_layer_mean(layers, weights, mask=None, *, dtype=torch.float64):
     return sum(w[i] * mean(h, mask, dtype=dtype) for i, h in enumerate(layers)) / w.sum()
 
 
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
 def layer_norm(x, shape, weight, bias, eps, *, dtype=torch.float64):
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return F.layer_norm(x.to(dtype), shape, cast(weight), cast(bias), eps)
+    return F.layer_norm(x.to(dtype), shape, _cast(weight, dtype), _cast(bias, dtype), eps)
 
 
 def rms_norm(x, shape, weight, eps, *, dtype=torch.float64):
@@ -157,8 +160,8 @@ def rms_norm(x, shape, weight, eps, *, dtype=torch.float64):
 
 
 def instance_norm(x, weight, bias, eps, *, dtype=torch.float64):
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return F.instance_norm(x.to(dtype), weight=cast(weight), bias=cast(bias), eps=eps)
+    return F.instance_norm(x.to(dtype), weight=_cast(weight, dtype), bias=_cast(bias, dtype),
+                           eps=eps)
 
 
 def masked_instance_norm(x, mask, weight, bias, eps, cu_seqlens=None, *, dtype=torch.float64):

@@ -9,8 +9,16 @@ import torch.nn.functional as F
 import fused_pool as fp
 
 from . import oracle
-from .helpers import FLOAT_DTYPES, assert_policy, leaf, make_mask, pack, poison, poison_padding, \
-    rand
+from .helpers import (
+    FLOAT_DTYPES,
+    assert_policy,
+    leaf,
+    make_mask,
+    pack,
+    poison,
+    poison_padding,
+    rand,
+)
 
 
 def _policy_grads(run, ref, inputs, dtype, what):

@@ -114,6 +114,15 @@ def test_forward_matches_oracle(tgt, op, dtype):
             _check(op, out, x, mask, None, extras, dtype, f"{op.name} {b}x{length}x{d} {kind}")
 
 
+def _ref_grads(op, x, mask, extras, proj, dtype):
+    """The oracle's gradients computed in ``dtype`` (None where every sequence is empty)."""
+    ins = [leaf(t, dtype) for t in (x, *extras)]
+    r = op.ref(ins[0], mask, None, *ins[1:], dtype=dtype)
+    if not r.requires_grad:
+        return [None] * len(ins)
+    return torch.autograd.grad(r, ins, proj.to(r.dtype), allow_unused=True)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("op", POOL_OPS, ids=lambda o: o.name)
 def test_backward_matches_oracle(tgt, op, dtype):
@@ -126,14 +135,8 @@ def test_backward_matches_oracle(tgt, op, dtype):
         proj = rand(*out.shape, dtype=torch.float64, device=tgt.device).to(dtype)
         got = torch.autograd.grad(out, inputs, proj.to(out.dtype))
 
-        def ref_grads(dt):
-            ins = [leaf(t, dt) for t in (x, *extras)]
-            r = op.ref(ins[0], mask, None, *ins[1:], dtype=dt)
-            if not r.requires_grad:  # every sequence empty
-                return [None] * len(ins)
-            return torch.autograd.grad(r, ins, proj.to(r.dtype), allow_unused=True)
-
-        ref, low = ref_grads(torch.float64), ref_grads(dtype)
+        ref = _ref_grads(op, x, mask, extras, proj, torch.float64)
+        low = _ref_grads(op, x, mask, extras, proj, dtype)
         for i, (g, r, lo) in enumerate(zip(got, ref, low)):
             r = torch.zeros_like(g, dtype=torch.float64) if r is None else r
             lo = torch.zeros_like(g) if lo is None else lo
