@@ -37,18 +37,18 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fused_pool", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends")
-    bench = sub.add_parser("bench", help="benchmark every op against eager, torch.compile and "
-                           "the copy bandwidth (see --help)", add_help=False)
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return info()
-    from .bench import main as bench_main
-
-    return bench_main(args.args)
+    sub.add_parser("bench", help="benchmark every op against eager, torch.compile and the copy "
+                   "bandwidth (python -m fused_pool bench --help)")
+    parser.parse_args(argv)
+    return info()
 
 
 if __name__ == "__main__":
