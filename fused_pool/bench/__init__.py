@@ -183,7 +183,9 @@ def _step(case, inp, mode, impl_fn, gout):
     return [t.grad for t in leaves]
 
 
-def run(args):
+def run(args, out: str | None = None, extra_meta: dict | None = None):
+    """Time every (op, dtype, implementation, mode); with ``out``, rewrite the results files
+    after each op so an interrupted run still leaves what it measured."""
     dev = args.device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -247,6 +249,10 @@ def run(args):
                                 ms, gbps, 100 * gbps / copy_bw, None, None, peak, err,
                                 **meta))
                 bar.advance()
+        if out is not None:
+            report.add_speedups(rows)
+            report.write(rows, out, {**meta, "copy_gbps": copy_bw, "read_gbps": read_bw,
+                                     **(extra_meta or {})})
     bar.close()
     report.add_speedups(rows)
     return rows, meta, copy_bw, read_bw, (b, length, d), dtypes, backends, baselines, device
@@ -262,14 +268,19 @@ def _reference(case: OpCase, inp: Inputs, mode: str, gout):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv if argv is not None else sys.argv[1:])
-    rows, meta, copy_bw, read_bw, shape, dtypes, backends, baselines, device = run(args)
-    out = args.out or os.path.join("bench", "results", report.slug(meta["device"], device))
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse(argv)
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = args.out or os.path.join("bench", "results",
+                                   report.slug(_device_name(device), device))
     os.makedirs(out, exist_ok=True)
+    stamp = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": argv}
+    rows, meta, copy_bw, read_bw, shape, dtypes, backends, baselines, device = run(
+        args, out, stamp)
     report.table(rows)
     paths = report.write(rows, out, {**meta, "copy_gbps": copy_bw, "read_gbps": read_bw,
-                                     "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                                     "argv": argv})
+                                     **stamp})
     if args.plot:
         paths += report.sweep_and_plot(args, shape, dtypes[0], backends, baselines, device,
                                        copy_bw, out)

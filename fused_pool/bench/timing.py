@@ -8,7 +8,10 @@ within its time budget (at least 3 repeats).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -75,6 +78,21 @@ def read_bandwidth(timer: Timer, nbytes: int) -> float:
     return n * 4 / (ms * 1e-3) / 1e9
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's C++ side prints start/stop lines on fd 2; keep them off the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak bytes allocated by one call of ``fn`` beyond what was allocated before it (outputs
     and gradients included). CUDA: the caching allocator's peak. CPU: the allocation events of
@@ -89,15 +107,18 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                         profile_memory=True) as prof:
             fn()
     except Exception:  # the profiler is optional; the number is informative only
         return None
+    # Each op's own (self) allocations count from its start, its net frees (often of its
+    # children's temporaries) from its end; "[memory]" events are frees outside any op.
     events = []
     for e in prof.events():
         usage = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
         if usage:
-            events.append((e.time_range.start, usage))
+            events.append((e.time_range.start if usage > 0 else e.time_range.end, usage))
     current = peak = 0
     for _, usage in sorted(events):
         current += usage

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The prepared GPU check: ONE call on a lent NVIDIA H200 machine (no network; torch, Triton, nvcc,
+# ninja, pytest and hypothesis preinstalled). Builds the C++/CUDA extension in place for sm_90,
+# runs the test suite on CUDA tensors, runs the benchmark at the SPEC's GPU shape, and prints a
+# short summary last. Results and logs go to $OUT when set (the device tool's folder), else
+# bench/results/gpu_check/. Sized to finish in under 8 minutes; each step has its own timeout and
+# a failed step does not stop the later ones.
+#
+#   bash bench/gpu_check.sh            # everything
+#   STEPS="build bench" bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu_check}
+mkdir -p "$OUT"
+STEPS=${STEPS:-"info build test bench"}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+summary=()
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run it, log to $OUT/NAME.log, record the outcome
+  local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  local t0=$SECONDS rc
+  echo "=== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  summary+=("$(printf '%-6s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+}
+
+step info 60 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; $PY -m fused_pool info"
+# In place (no pip, no network): fused_pool/_C*.so next to the sources.
+step build 240 env FUSED_POOL_REQUIRE_EXT=1 "$PY" setup.py build_ext --inplace
+step test 150 "$PY" -m pytest tests -q -x -k cuda -p no:cacheprovider --junitxml="$OUT/junit.xml"
+step bench 240 "$PY" -m fused_pool bench --out "$OUT" --budget 0.5 --repeats 15 --quiet
+
+echo
+echo "=== summary"
+printf '%s\n' "${summary[@]}"
+if [ -f "$OUT/results.csv" ]; then
+  "$PY" - "$OUT/results.csv" <<'PYEOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+print(f"{'op':<21}{'impl':<10}{'mode':<7}{'ms':>9}{'%copy':>7}{'x eager':>9}{'x compile':>10}")
+for r in rows:
+    if r["impl"].startswith("fp:") or r["impl"] in ("compile",):
+        f = lambda k, s: format(float(r[k]), s) if r[k] not in ("", "None") else "-"
+        print(f"{r['op']:<21}{r['impl']:<10}{r['mode']:<7}{f('median_ms', '.3f'):>9}"
+              f"{f('pct_copy_bw', '.0f'):>7}{f('speedup_vs_eager', '.2f'):>9}"
+              f"{f('speedup_vs_compile', '.2f'):>10}")
+PYEOF
+fi
