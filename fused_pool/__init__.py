@@ -8,7 +8,7 @@ Public API (see README.md and SPEC.md)::
     fp.nn.MeanPooling()(last_hidden_state, attention_mask)
 """
 
-from . import nn
+from . import _dispatch, nn
 from ._dispatch import available_backends, backend_status, get_backend, set_backend, use_backend
 from .functional import (
     attention_pool,
@@ -26,6 +26,8 @@ from .functional import (
 )
 
 __version__ = "0.1.0"
+
+_dispatch.probe_all()
 
 __all__ = [
     "attention_pool",

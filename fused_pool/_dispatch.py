@@ -8,8 +8,9 @@ Backends, in the order ``"auto"`` tries them:
   built with CUDA, CUDA kernels.
 * ``"torch"``: the pure-PyTorch reference (``fused_pool.backends.reference``); every device.
 
-Each backend's operators live in the ``torch.library`` namespace ``fused_pool_<name>``. Probing a
-backend imports it once and records why it is unavailable, so errors can name what is missing.
+Each backend's operators live in the ``torch.library`` namespace ``fused_pool_<name>``. Importing
+fused_pool probes every backend once (``probe_all``) and records why one is unavailable, so errors
+can name what is missing.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ def probe(name: str) -> _Probe:
         except Exception as exc:  # a broken install must not break the other backends
             _probes[name] = _Probe(False, f"loading failed: {type(exc).__name__}: {exc}")
     return _probes[name]
+
+
+def probe_all() -> None:
+    """Probe every backend now. Called when fused_pool is imported: registering operators
+    while ``torch.compile`` traces the first call would break the graph."""
+    for name in BACKENDS:
+        probe(name)
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:

@@ -322,3 +322,13 @@ def test_property_pools_match_oracle(tgt, case):
     torch.testing.assert_close(fp.masked_mean_max(x, mask), oracle.mean_max(x, mask))
     s = rand(b, length, device=dev, dtype=torch.float64)
     torch.testing.assert_close(fp.attention_pool(x, s, mask), oracle.attention(x, s, mask))
+
+
+def test_first_call_may_be_inside_torch_compile():
+    """Backends are probed at import, so the very first call can happen while tracing."""
+    code = ("import torch, fused_pool as fp\n"
+            "f = torch.compile(lambda x: fp.masked_max(x), fullgraph=True, backend='eager')\n"
+            "x = torch.randn(2, 3, 4)\n"
+            "assert torch.equal(f(x), x.amax(1))\n")
+    r = _run_python(code)
+    assert r.returncode == 0, r.stderr[-2000:]
