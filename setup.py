@@ -40,10 +40,15 @@ def _extensions():
                 print(f"WARNING: fused_pool._C was not built ({exc}); the 'cpp' backend will be "
                       "unavailable", file=sys.stderr)
 
+    # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp the
+    # kernels would run on one thread.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     ext = CppExtension(
         "fused_pool._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", *openmp]},
+        extra_link_args=openmp,
     )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 

@@ -116,6 +116,13 @@ def test_available_backends_and_status():
         assert ok == (name in names) and why, f"{name}: a reason or device list is reported"
 
 
+@pytest.mark.skipif(os.environ.get("FUSED_POOL_REQUIRE_EXT") != "1",
+                    reason="only where the build must include the C++ extension (CI)")
+def test_cpp_backend_is_built():
+    ok, why = fp.backend_status()["cpp"]
+    assert ok, why
+
+
 def test_set_and_use_backend():
     before = fp.get_backend()
     with fp.use_backend("torch"):
@@ -195,6 +202,18 @@ def _op_samples(dev):
         ("masked_instance_norm", (x, mask, None, nw, nb, 1e-5)),
         ("masked_instance_norm", (xp, None, cu, None, nb, 1e-5)),
     ]
+
+
+def test_cpp_schemas_match_the_python_contract():
+    """csrc/fused_pool.cpp spells out the schemas of fused_pool/_schema.py; they must agree."""
+    if not fp.backend_status()["cpp"][0]:
+        pytest.skip("the C++ extension is not built")
+    from fused_pool._schema import SCHEMAS
+
+    ops = torch.ops.fused_pool_cpp
+    for name, schema in SCHEMAS.items():
+        want = str(torch._C.parse_schema(f"fused_pool_cpp::{name}{schema}"))
+        assert str(getattr(ops, name).default._schema) == want
 
 
 def test_opcheck_every_forward_op(tgt):

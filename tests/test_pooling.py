@@ -88,7 +88,7 @@ def _inputs(op: PoolOp, tgt, b, length, d, dtype, *, kind="holes", pad=float("na
 def _shapes(tgt):
     if tgt.interpreted:
         return [(3, 5, 3), (2, 1, 7), (2, 4, 33)]
-    return [(3, 7, 5), (2, 1, 3), (4, 9, 127), (2, 6, 769), (1, 3, 1)]
+    return [(3, 7, 5), (2, 1, 3), (4, 9, 127), (2, 6, 769), (1, 3, 1), (2, 150, 6)]
 
 
 def _check(op, out, x, mask, cu, extras, dtype, what):
@@ -276,6 +276,29 @@ def test_kmax_order_and_short_rows(tgt):
     xl = leaf(x)
     g = torch.autograd.grad(fp.masked_kmax(xl, mask, 3).sum(), xl)[0][..., 0]
     assert g.tolist() == [[1, 0, 1, 1, 0], [1, 1, 1, 0, 0], [0, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("k", [17, 40])
+def test_kmax_large_k(tgt, k):
+    """k beyond the streaming kernels' small-k path; ties and NaN included."""
+    length = 45
+    x = torch.randint(-4, 5, (3, length, 5)).float().to(tgt.device)
+    x[0, 3, 1] = float("nan")
+    mask = make_mask(3, length, tgt.device)
+    mask[1, :] = False
+    mask[1, : k // 2] = True  # fewer than k valid tokens
+    xl = leaf(poison_padding(x, mask))
+    out = fp.masked_kmax(xl, mask, k)
+    want, want_idx = oracle.kmax(x, mask, k=k)
+    assert max_err(out, want) == 0
+    (g,) = torch.autograd.grad(out.sum(), xl)
+    expected = torch.zeros_like(x)
+    for b in range(3):
+        for r in range(k):
+            for d in range(5):
+                if want_idx[b, r, d] >= 0:
+                    expected[b, want_idx[b, r, d], d] = 1
+    assert torch.equal(g, expected)
 
 
 def test_kmax_ties_lowest_index(tgt):

@@ -1,0 +1,172 @@
+// Shared helpers of the fused_pool C++ kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace fused_pool {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// float accumulation for half/bfloat16/float, double for double.
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+#define FP_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// Features handled by one task: a block of D so each task's accumulators stay in L1.
+constexpr int64_t kBlockD = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Where sequence b's token j lives, for both input layouts:
+//   padded [B, L, D] (+ optional bool mask [B, L]): x + b*sB + j*sL + d*sD, valid where mask;
+//   packed [T, D] + cu_seqlens [B + 1]:             x + (cu[b] + j)*sL + d*sD, all valid.
+// Offsets are int64 so tensors past 2^31 elements index correctly.
+struct Seqs {
+  int64_t B = 0, L = 0, D = 0;
+  int64_t sB = 0, sL = 0, sD = 1;
+  const bool* mask = nullptr;
+  int64_t mB = 0, mL = 0;
+  std::vector<int64_t> cu;  // empty: padded layout
+
+  int64_t start(int64_t b) const { return cu.empty() ? b * sB : cu[b] * sL; }
+  int64_t len(int64_t b) const { return cu.empty() ? L : cu[b + 1] - cu[b]; }
+  bool valid(int64_t b, int64_t j) const { return mask == nullptr || mask[b * mB + j * mL]; }
+  int64_t count(int64_t b) const {
+    if (mask == nullptr) return len(b);
+    int64_t n = 0;
+    for (int64_t j = 0; j < L; ++j) n += valid(b, j);
+    return n;
+  }
+  // Calls f(j, offset of token j) for every valid token of sequence b, in token order.
+  // Padded tokens are never touched.
+  template <typename F>
+  void for_each_valid(int64_t b, F&& f) const {
+    const int64_t base = start(b), n = len(b);
+    for (int64_t j = 0; j < n; ++j) {
+      if (valid(b, j)) f(j, base + j * sL);
+    }
+  }
+};
+
+// The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens.
+inline Seqs make_seqs(const Tensor& t, const OptTensor& mask, const OptTensor& cu_seqlens) {
+  Seqs s;
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(t.dim() == 2, "fused_pool: packed input must be [T, D], got ", t.sizes());
+    const Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
+    const int64_t* c = cu.data_ptr<int64_t>();
+    s.cu.assign(c, c + cu.numel());
+    s.B = cu.numel() - 1;
+    s.D = t.size(1);
+    s.sL = t.stride(0);
+    s.sD = t.stride(1);
+    int64_t lmax = 0;
+    for (int64_t b = 0; b < s.B; ++b) {
+      // The Python layer checks cu_seqlens; clamp anyway so bad offsets never read out of bounds.
+      TORCH_CHECK(s.cu[b] >= 0 && s.cu[b] <= s.cu[b + 1] && s.cu[b + 1] <= t.size(0),
+                  "fused_pool: cu_seqlens must be non-decreasing within [0, T]");
+      lmax = std::max(lmax, s.cu[b + 1] - s.cu[b]);
+    }
+    s.L = lmax;
+  } else {
+    TORCH_CHECK(t.dim() == 3, "fused_pool: padded input must be [B, L, D], got ", t.sizes());
+    s.B = t.size(0);
+    s.L = t.size(1);
+    s.D = t.size(2);
+    s.sB = t.stride(0);
+    s.sL = t.stride(1);
+    s.sD = t.stride(2);
+    if (mask.has_value()) {
+      TORCH_CHECK(mask->scalar_type() == at::kBool, "fused_pool: mask must be bool");
+      s.mask = mask->data_ptr<bool>();
+      s.mB = mask->stride(0);
+      s.mL = mask->stride(1);
+    }
+  }
+  return s;
+}
+
+// Shape of a gradient of x: [B, num_tokens, D] (padded) or [num_tokens, D] (packed).
+inline std::vector<int64_t> grad_x_shape(int64_t B, int64_t num_tokens, int64_t D,
+                                         bool packed) {
+  if (packed) return {num_tokens, D};
+  return {B, num_tokens, D};
+}
+
+// max/min ordering of the contract: NaN beats every number; among equal values the earlier
+// (lower index) token keeps its place, so callers visit tokens in order and replace only on
+// a strict win.
+template <typename T>
+inline bool beats(T a, T b, bool largest) {
+  const bool na = std::isnan(a), nb = std::isnan(b);
+  if (na || nb) return na && !nb;
+  return largest ? a > b : a < b;
+}
+
+// sum_{i < n} f(i) with 16 independent partial sums combined pairwise: the compiler vectorizes
+// the lanes (a plain `s += f(i)` loop is a serial float dependency chain), and the rounding
+// error grows like n / 16 + log 16 rather than n.
+template <typename acc, typename F>
+inline acc lane_sum(int64_t n, F&& f) {
+  constexpr int64_t W = 16;
+  acc lanes[W] = {};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    for (int64_t k = 0; k < W; ++k) lanes[k] += f(i + k);
+  }
+  for (int64_t k = 0; i + k < n; ++k) lanes[k] += f(i + k);
+  for (int64_t w = W / 2; w > 0; w /= 2) {
+    for (int64_t k = 0; k < w; ++k) lanes[k] += lanes[k + w];
+  }
+  return lanes[0];
+}
+
+// Per-feature sums over a sequence's tokens, two-level: tokens accumulate into `part`, which is
+// added into `total` every kFlush tokens, so long sequences keep float32 sums accurate
+// (error ~ (kFlush + n / kFlush) eps instead of n eps).
+template <typename acc>
+struct TokenSum {
+  static constexpr int64_t kFlush = 64;
+  acc total[kBlockD] = {}, part[kBlockD] = {};
+  int64_t pending = 0;
+
+  template <typename T>
+  void add(const T* row, int64_t stride, int64_t w, acc scale = acc(1)) {
+    for (int64_t i = 0; i < w; ++i) part[i] += scale * static_cast<acc>(row[i * stride]);
+    if (++pending == kFlush) flush(w);
+  }
+  void flush(int64_t w) {
+    for (int64_t i = 0; i < w; ++i) {
+      total[i] += part[i];
+      part[i] = 0;
+    }
+    pending = 0;
+  }
+};
+
+// Parallel loop over (b, block of D) tasks.
+template <typename F>
+inline void parallel_over_blocks(int64_t B, int64_t D, F&& f) {
+  const int64_t nblk = std::max<int64_t>(1, ceil_div(D, kBlockD));
+  at::parallel_for(0, B * nblk, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / nblk, d0 = (task % nblk) * kBlockD;
+      f(b, d0, std::min(D, d0 + kBlockD));
+    }
+  });
+}
+
+}  // namespace fused_pool

@@ -1,0 +1,438 @@
+// CPU kernels of the normalization operators (formulas: fused_pool/backends/reference.py).
+//
+// LayerNorm/RMSNorm/InstanceNorm normalize contiguous rows: each row is read from memory once
+// (its second pass hits L1/L2), statistics are float32 (float64 for float64 input). A
+// non-contiguous input is made contiguous first: rows of a strided norm input are rare, and one
+// copy keeps every kernel a plain row loop. Weight/bias gradients are summed from fixed-size row
+// chunks in chunk order, so they are deterministic and independent of the thread count.
+#include "../common.h"
+
+namespace fused_pool {
+namespace {
+
+constexpr int64_t kRowsPerChunk = 32;
+
+at::ScalarType acc_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Parameters as contiguous accumulation-type vectors (empty when absent).
+Tensor param_acc(const OptTensor& p, const Tensor& x) {
+  if (!p.has_value()) return Tensor();
+  return p->to(x.options().dtype(acc_type(x))).contiguous();
+}
+
+template <typename acc>
+const acc* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc>() : nullptr;
+}
+
+// Sums rows of a [chunks, n] partial buffer in chunk order into a tensor of `like`'s dtype.
+template <typename acc>
+Tensor reduce_partials(const std::vector<acc>& partial, int64_t chunks, int64_t n,
+                       const Tensor& like) {
+  Tensor out = at::zeros({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+  acc* o = out.mutable_data_ptr<acc>();
+  at::parallel_for(0, n, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const acc* p = partial.data() + ch * n;
+      for (int64_t i = lo; i < hi; ++i) o[i] += p[i];
+    }
+  });
+  return out.to(like.options());
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm (centered) and RMSNorm over the last dims, as rows [M, N].
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor> row_norm_forward(const Tensor& x_in, int64_t nd,
+                                                    const OptTensor& weight,
+                                                    const OptTensor& bias, double eps,
+                                                    bool centered) {
+  const Tensor x = x_in.contiguous();
+  const auto stat_shape = x.sizes().slice(0, x.dim() - nd);
+  const int64_t N = c10::multiply_integers(x.sizes().slice(x.dim() - nd));
+  const int64_t M = N ? x.numel() / N : c10::multiply_integers(stat_shape);
+  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor mean = at::empty(stat_shape, x.options().dtype(acc_type(x)));
+  Tensor rstd = at::empty(stat_shape, x.options().dtype(acc_type(x)));
+  const Tensor w = param_acc(weight, x), bb = param_acc(bias, x);
+  FP_DISPATCH(x.scalar_type(), "row_norm_forward", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    acc* mp = mean.mutable_data_ptr<acc>();
+    acc* rp = rstd.mutable_data_ptr<acc>();
+    const acc* wp = ptr_or_null<acc>(w);
+    const acc* bp = ptr_or_null<acc>(bb);
+    const acc e = static_cast<acc>(eps);
+    at::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* row = xp + r * N;
+        const acc mu = centered ? lane_sum<acc>(N, [&](int64_t i) {
+          return static_cast<acc>(row[i]);
+        }) / std::max<int64_t>(N, 1) : acc(0);
+        const acc ss = lane_sum<acc>(N, [&](int64_t i) {
+          const acc v = static_cast<acc>(row[i]) - mu;
+          return v * v;
+        });
+        const acc rs = acc(1) / std::sqrt(ss / std::max<int64_t>(N, 1) + e);
+        scalar_t* out = yp + r * N;
+        for (int64_t i = 0; i < N; ++i) {
+          acc v = (static_cast<acc>(row[i]) - mu) * rs;
+          if (wp) v *= wp[i];
+          if (bp) v += bp[i];
+          out[i] = static_cast<scalar_t>(v);
+        }
+        mp[r] = mu;
+        rp[r] = rs;
+      }
+    });
+  });
+  return {y, mean, rstd};
+}
+
+// dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat))  (the mean term only when centered);
+// dw = sum_rows g * xhat; db = sum_rows g.
+std::tuple<Tensor, Tensor, Tensor> row_norm_backward(const Tensor& grad_in, const Tensor& x_in,
+                                                     int64_t nd, const OptTensor& weight,
+                                                     const OptTensor& bias, const Tensor& mean_in,
+                                                     const Tensor& rstd_in, bool centered) {
+  const Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
+  const Tensor mean = centered ? mean_in.contiguous() : Tensor(), rstd = rstd_in.contiguous();
+  const int64_t N = c10::multiply_integers(x.sizes().slice(x.dim() - nd));
+  const int64_t M = N ? x.numel() / N : 0;
+  Tensor gx = at::empty(x.sizes(), x.options());
+  const Tensor w = param_acc(weight, x);
+  const int64_t chunks = ceil_div(M, kRowsPerChunk);
+  Tensor gw = weight.has_value() ? Tensor() : x.new_zeros({0});
+  Tensor gb = bias.has_value() ? Tensor() : x.new_zeros({0});
+  FP_DISPATCH(x.scalar_type(), "row_norm_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    const acc* mp = centered ? mean.const_data_ptr<acc>() : nullptr;
+    const acc* rp = rstd.const_data_ptr<acc>();
+    const acc* wp = ptr_or_null<acc>(w);
+    std::vector<acc> pw(weight.has_value() ? chunks * N : 0, 0);
+    std::vector<acc> pb(bias.has_value() ? chunks * N : 0, 0);
+    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t ch = lo; ch < hi; ++ch) {
+        for (int64_t r = ch * kRowsPerChunk; r < std::min(M, (ch + 1) * kRowsPerChunk); ++r) {
+          const scalar_t* row = xp + r * N;
+          const scalar_t* grow = gp + r * N;
+          const acc mu = mp ? mp[r] : acc(0), rs = rp[r];
+          auto gh = [&](int64_t i) {
+            const acc g = static_cast<acc>(grow[i]);
+            return wp ? g * wp[i] : g;
+          };
+          auto xh = [&](int64_t i) { return (static_cast<acc>(row[i]) - mu) * rs; };
+          const acc sum_g = centered ? lane_sum<acc>(N, gh) : acc(0);
+          const acc sum_gx = lane_sum<acc>(N, [&](int64_t i) { return gh(i) * xh(i); });
+          if (!pw.empty()) {
+            acc* p = pw.data() + ch * N;
+            for (int64_t i = 0; i < N; ++i) p[i] += static_cast<acc>(grow[i]) * xh(i);
+          }
+          if (!pb.empty()) {
+            acc* p = pb.data() + ch * N;
+            for (int64_t i = 0; i < N; ++i) p[i] += static_cast<acc>(grow[i]);
+          }
+          const acc a = centered ? sum_g / N : acc(0), c = sum_gx / N;
+          scalar_t* out = gxp + r * N;
+          for (int64_t i = 0; i < N; ++i) out[i] = static_cast<scalar_t>(rs * (gh(i) - a - xh(i) * c));
+        }
+      }
+    });
+    if (weight.has_value()) gw = reduce_partials(pw, chunks, N, *weight).view(weight->sizes());
+    if (bias.has_value()) gb = reduce_partials(pb, chunks, N, *bias).view(bias->sizes());
+  });
+  return {gx, gw, gb};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_cpu(const Tensor& x, int64_t nd,
+                                                  const OptTensor& weight, const OptTensor& bias,
+                                                  double eps) {
+  return row_norm_forward(x, nd, weight, bias, eps, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(
+    const Tensor& grad, const Tensor& x, int64_t nd, const OptTensor& weight,
+    const OptTensor& bias, const Tensor& mean, const Tensor& rstd) {
+  return row_norm_backward(grad, x, nd, weight, bias, mean, rstd, true);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_cpu(const Tensor& x, int64_t nd, const OptTensor& weight,
+                                        double eps) {
+  auto [y, mean, rstd] = row_norm_forward(x, nd, weight, std::nullopt, eps, false);
+  return {y, rstd};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad, const Tensor& x, int64_t nd,
+                                                 const OptTensor& weight, const Tensor& rstd) {
+  auto [gx, gw, gb] = row_norm_backward(grad, x, nd, weight, std::nullopt, Tensor(), rstd, false);
+  return {gx, gw};
+}
+
+// ---------------------------------------------------------------------------------------------
+// InstanceNorm: x [B, C, *] as rows [B*C, S] with per-channel weight and bias.
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor> instance_norm_cpu(const Tensor& x_in, const OptTensor& weight,
+                                                     const OptTensor& bias, double eps) {
+  const Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), S = c10::multiply_integers(x.sizes().slice(2));
+  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor mean = at::empty({B, C}, x.options().dtype(acc_type(x)));
+  Tensor rstd = at::empty({B, C}, x.options().dtype(acc_type(x)));
+  const Tensor w = param_acc(weight, x), bb = param_acc(bias, x);
+  FP_DISPATCH(x.scalar_type(), "instance_norm_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    acc* mp = mean.mutable_data_ptr<acc>();
+    acc* rp = rstd.mutable_data_ptr<acc>();
+    const acc* wp = ptr_or_null<acc>(w);
+    const acc* bp = ptr_or_null<acc>(bb);
+    at::parallel_for(0, B * C, 4, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* row = xp + r * S;
+        const acc mu = lane_sum<acc>(S, [&](int64_t i) { return static_cast<acc>(row[i]); }) /
+                       std::max<int64_t>(S, 1);
+        const acc ss = lane_sum<acc>(S, [&](int64_t i) {
+          const acc v = static_cast<acc>(row[i]) - mu;
+          return v * v;
+        });
+        const acc rs = acc(1) / std::sqrt(ss / std::max<int64_t>(S, 1) + static_cast<acc>(eps));
+        const acc scale = wp ? wp[r % C] * rs : rs;
+        const acc shift = bp ? bp[r % C] : acc(0);
+        scalar_t* out = yp + r * S;
+        for (int64_t i = 0; i < S; ++i) {
+          out[i] = static_cast<scalar_t>((static_cast<acc>(row[i]) - mu) * scale + shift);
+        }
+        mp[r] = mu;
+        rp[r] = rs;
+      }
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> instance_norm_backward_cpu(
+    const Tensor& grad_in, const Tensor& x_in, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& mean_in, const Tensor& rstd_in) {
+  const Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
+  const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), S = c10::multiply_integers(x.sizes().slice(2));
+  Tensor gx = at::empty(x.sizes(), x.options());
+  const Tensor w = param_acc(weight, x);
+  Tensor gw = weight.has_value() ? Tensor() : x.new_zeros({0});
+  Tensor gb = bias.has_value() ? Tensor() : x.new_zeros({0});
+  FP_DISPATCH(x.scalar_type(), "instance_norm_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    const acc* mp = mean.const_data_ptr<acc>();
+    const acc* rp = rstd.const_data_ptr<acc>();
+    const acc* wp = ptr_or_null<acc>(w);
+    std::vector<acc> row_gw(B * C, 0), row_gb(B * C, 0);  // per-row partials, [B, C]
+    at::parallel_for(0, B * C, 4, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* row = xp + r * S;
+        const scalar_t* grow = gp + r * S;
+        const acc mu = mp[r], rs = rp[r], wc = wp ? wp[r % C] : acc(1);
+        const acc sum_g = lane_sum<acc>(S, [&](int64_t i) { return static_cast<acc>(grow[i]); });
+        const acc sum_gx = lane_sum<acc>(S, [&](int64_t i) {
+          return static_cast<acc>(grow[i]) * (static_cast<acc>(row[i]) - mu) * rs;
+        });
+        row_gw[r] = sum_gx;
+        row_gb[r] = sum_g;
+        const acc a = wc * sum_g / std::max<int64_t>(S, 1);
+        const acc c = wc * sum_gx / std::max<int64_t>(S, 1);
+        scalar_t* out = gxp + r * S;
+        for (int64_t i = 0; i < S; ++i) {
+          const acc xh = (static_cast<acc>(row[i]) - mu) * rs;
+          out[i] = static_cast<scalar_t>(rs * (wc * static_cast<acc>(grow[i]) - a - xh * c));
+        }
+      }
+    });
+    // Rows are [B, C]: sum over B in order per channel.
+    if (weight.has_value()) gw = reduce_partials(row_gw, B, C, *weight);
+    if (bias.has_value()) gb = reduce_partials(row_gb, B, C, *bias);
+  });
+  return {gx, gw, gb};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masked InstanceNorm: per (sequence, feature) over valid tokens; padded outputs are 0.
+// Each (sequence, block of D) task makes three passes over its valid tokens (mean, variance,
+// output); the block of a sequence is small enough that passes two and three hit the cache.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void zero_rows_outside(const Seqs& s, int64_t total_rows, T* out) {
+  if (s.cu.empty()) return;
+  const int64_t first = s.B > 0 ? s.cu[0] : total_rows;
+  const int64_t last = s.B > 0 ? s.cu[s.B] : total_rows;
+  std::fill(out, out + first * s.D, T(0));
+  std::fill(out + last * s.D, out + total_rows * s.D, T(0));
+}
+
+std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(
+    const Tensor& x, const OptTensor& mask, const OptTensor& cu_seqlens,
+    const OptTensor& weight, const OptTensor& bias, double eps) {
+  const Seqs s = make_seqs(x, mask, cu_seqlens);
+  const int64_t rows = cu_seqlens.has_value() ? x.size(0) : 0;
+  Tensor y = at::empty(x.sizes(), x.options());
+  const Seqs ys = make_seqs(y, mask, cu_seqlens);
+  Tensor mean = at::empty({s.B, s.D}, x.options().dtype(acc_type(x)));
+  Tensor rstd = at::empty({s.B, s.D}, x.options().dtype(acc_type(x)));
+  const Tensor w = param_acc(weight, x), bb = param_acc(bias, x);
+  FP_DISPATCH(x.scalar_type(), "masked_instance_norm_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    acc* mp = mean.mutable_data_ptr<acc>();
+    acc* rp = rstd.mutable_data_ptr<acc>();
+    const acc* wp = ptr_or_null<acc>(w);
+    const acc* bp = ptr_or_null<acc>(bb);
+    zero_rows_outside(ys, rows, yp);
+    parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
+      const int64_t width = d1 - d0;
+      TokenSum<acc> sum, sq;
+      int64_t n = 0;
+      s.for_each_valid(b, [&](int64_t, int64_t off) {
+        ++n;
+        sum.add(xp + off + d0 * s.sD, s.sD, width);
+      });
+      sum.flush(width);
+      const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
+      acc mu[kBlockD], centered[kBlockD];
+      for (int64_t i = 0; i < width; ++i) mu[i] = sum.total[i] / denom;
+      s.for_each_valid(b, [&](int64_t, int64_t off) {
+        const scalar_t* row = xp + off + d0 * s.sD;
+        for (int64_t i = 0; i < width; ++i) {
+          const acc v = static_cast<acc>(row[i * s.sD]) - mu[i];
+          centered[i] = v * v;
+        }
+        sq.add(centered, 1, width);
+      });
+      sq.flush(width);
+      const acc* var = sq.total;
+      acc scale[kBlockD], shift[kBlockD];
+      for (int64_t i = 0; i < width; ++i) {
+        const acc rs = acc(1) / std::sqrt(var[i] / denom + static_cast<acc>(eps));
+        mp[b * s.D + d0 + i] = mu[i];
+        rp[b * s.D + d0 + i] = rs;
+        scale[i] = wp ? wp[d0 + i] * rs : rs;
+        shift[i] = bp ? bp[d0 + i] : acc(0);
+      }
+      const int64_t len = ys.len(b);
+      for (int64_t j = 0; j < len; ++j) {
+        scalar_t* out = yp + ys.start(b) + j * ys.sL + d0;
+        if (!s.valid(b, j)) {
+          std::fill(out, out + width, scalar_t(0));
+          continue;
+        }
+        const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * s.sD;
+        for (int64_t i = 0; i < width; ++i) {
+          // (x - mean) first: folding the mean into the shift cancels badly when rstd is large.
+          out[i] = static_cast<scalar_t>((static_cast<acc>(row[i * s.sD]) - mu[i]) * scale[i] +
+                                         shift[i]);
+        }
+      }
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_backward_cpu(
+    const Tensor& grad, const Tensor& x, const OptTensor& mask, const OptTensor& cu_seqlens,
+    const OptTensor& weight, const OptTensor& bias, const Tensor& mean_in,
+    const Tensor& rstd_in) {
+  const Seqs s = make_seqs(x, mask, cu_seqlens);
+  const Seqs gs = make_seqs(grad, mask, cu_seqlens);
+  const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const int64_t rows = cu_seqlens.has_value() ? x.size(0) : 0;
+  Tensor gx = at::empty(x.sizes(), x.options());
+  const Seqs go = make_seqs(gx, mask, cu_seqlens);
+  const Tensor w = param_acc(weight, x);
+  Tensor gw = weight.has_value() ? Tensor() : x.new_zeros({0});
+  Tensor gb = bias.has_value() ? Tensor() : x.new_zeros({0});
+  FP_DISPATCH(x.scalar_type(), "masked_instance_norm_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    const acc* mp = mean.const_data_ptr<acc>();
+    const acc* rp = rstd.const_data_ptr<acc>();
+    const acc* wp = ptr_or_null<acc>(w);
+    std::vector<acc> part_w(s.B * s.D, 0), part_b(s.B * s.D, 0);  // [B, D], summed over B
+    zero_rows_outside(go, rows, gxp);
+    parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
+      const int64_t width = d1 - d0;
+      TokenSum<acc> tg, tgx;
+      int64_t n = 0;
+      const acc* mu = mp + b * s.D + d0;
+      const acc* rs = rp + b * s.D + d0;
+      acc gv[kBlockD], gxv[kBlockD];
+      s.for_each_valid(b, [&](int64_t j, int64_t off) {
+        const scalar_t* row = xp + off + d0 * s.sD;
+        const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gs.sD;
+        ++n;
+        for (int64_t i = 0; i < width; ++i) {
+          const acc xh = (static_cast<acc>(row[i * s.sD]) - mu[i]) * rs[i];
+          gv[i] = static_cast<acc>(grow[i * gs.sD]);
+          gxv[i] = gv[i] * xh;
+        }
+        tg.add(gv, 1, width);
+        tgx.add(gxv, 1, width);
+      });
+      tg.flush(width);
+      tgx.flush(width);
+      const acc* sum_g = tg.total;
+      const acc* sum_gx = tgx.total;
+      const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
+      acc a[kBlockD], c[kBlockD], wv[kBlockD];
+      for (int64_t i = 0; i < width; ++i) {
+        part_w[b * s.D + d0 + i] = sum_gx[i];
+        part_b[b * s.D + d0 + i] = sum_g[i];
+        wv[i] = wp ? wp[d0 + i] : acc(1);
+        a[i] = wv[i] * sum_g[i] / denom;
+        c[i] = wv[i] * sum_gx[i] / denom;
+      }
+      const int64_t len = go.len(b);
+      for (int64_t j = 0; j < len; ++j) {
+        scalar_t* out = gxp + go.start(b) + j * go.sL + d0;
+        if (!s.valid(b, j)) {
+          std::fill(out, out + width, scalar_t(0));
+          continue;
+        }
+        const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * s.sD;
+        const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gs.sD;
+        for (int64_t i = 0; i < width; ++i) {
+          const acc xh = (static_cast<acc>(row[i * s.sD]) - mu[i]) * rs[i];
+          const acc g = static_cast<acc>(grow[i * gs.sD]);
+          out[i] = static_cast<scalar_t>(rs[i] * (wv[i] * g - a[i] - xh * c[i]));
+        }
+      }
+    });
+    if (weight.has_value()) gw = reduce_partials(part_w, s.B, s.D, *weight);
+    if (bias.has_value()) gb = reduce_partials(part_b, s.B, s.D, *bias);
+  });
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_pool_cpp, CPU, m) {
+  m.impl("layer_norm", &layer_norm_cpu);
+  m.impl("layer_norm_backward", &layer_norm_backward_cpu);
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+  m.impl("instance_norm", &instance_norm_cpu);
+  m.impl("instance_norm_backward", &instance_norm_backward_cpu);
+  m.impl("masked_instance_norm", &masked_instance_norm_cpu);
+  m.impl("masked_instance_norm_backward", &masked_instance_norm_backward_cpu);
+}
+
+}  // namespace fused_pool
