@@ -53,7 +53,7 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_forward(const Tensor& x_in, int64_t 
   const auto stat_shape = x.sizes().slice(0, x.dim() - nd);
   const int64_t N = c10::multiply_integers(x.sizes().slice(x.dim() - nd));
   const int64_t M = N ? x.numel() / N : c10::multiply_integers(stat_shape);
-  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor y = empty_cpu(x.sizes(), x.options());
   Tensor mean = at::empty(stat_shape, x.options().dtype(acc_type(x)));
   Tensor rstd = at::empty(stat_shape, x.options().dtype(acc_type(x)));
   const Tensor w = param_acc(weight, x), bb = param_acc(bias, x);
@@ -102,7 +102,7 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_backward(const Tensor& grad_in, cons
   const Tensor mean = centered ? mean_in.contiguous() : Tensor(), rstd = rstd_in.contiguous();
   const int64_t N = c10::multiply_integers(x.sizes().slice(x.dim() - nd));
   const int64_t M = N ? x.numel() / N : 0;
-  Tensor gx = at::empty(x.sizes(), x.options());
+  Tensor gx = empty_cpu(x.sizes(), x.options());
   const Tensor w = param_acc(weight, x);
   const int64_t chunks = ceil_div(M, kRowsPerChunk);
   Tensor gw = weight.has_value() ? Tensor() : x.new_zeros({0});
@@ -181,7 +181,7 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_cpu(const Tensor& x_in, const O
                                                      const OptTensor& bias, double eps) {
   const Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), S = c10::multiply_integers(x.sizes().slice(2));
-  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor y = empty_cpu(x.sizes(), x.options());
   Tensor mean = at::empty({B, C}, x.options().dtype(acc_type(x)));
   Tensor rstd = at::empty({B, C}, x.options().dtype(acc_type(x)));
   const Tensor w = param_acc(weight, x), bb = param_acc(bias, x);
@@ -223,7 +223,7 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_backward_cpu(
   const Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), S = c10::multiply_integers(x.sizes().slice(2));
-  Tensor gx = at::empty(x.sizes(), x.options());
+  Tensor gx = empty_cpu(x.sizes(), x.options());
   const Tensor w = param_acc(weight, x);
   Tensor gw = weight.has_value() ? Tensor() : x.new_zeros({0});
   Tensor gb = bias.has_value() ? Tensor() : x.new_zeros({0});
@@ -282,7 +282,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(
     const OptTensor& weight, const OptTensor& bias, double eps) {
   const Seqs s = make_seqs(x, mask, cu_seqlens);
   const int64_t rows = cu_seqlens.has_value() ? x.size(0) : 0;
-  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor y = empty_cpu(x.sizes(), x.options());
   const Seqs ys = make_seqs(y, mask, cu_seqlens);
   Tensor mean = at::empty({s.B, s.D}, x.options().dtype(acc_type(x)));
   Tensor rstd = at::empty({s.B, s.D}, x.options().dtype(acc_type(x)));
@@ -296,22 +296,24 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(
     const acc* wp = ptr_or_null<acc>(w);
     const acc* bp = ptr_or_null<acc>(bb);
     zero_rows_outside(ys, rows, yp);
+    unit_stride(s.sD == 1, [&](auto unit) {
+    const auto st = stride_of(unit, s.sD);
     parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
       const int64_t width = d1 - d0;
       TokenSum<acc> sum, sq;
       int64_t n = 0;
       s.for_each_valid(b, [&](int64_t, int64_t off) {
         ++n;
-        sum.add(xp + off + d0 * s.sD, s.sD, width);
+        sum.add(xp + off + d0 * st, st, width);
       });
       sum.flush(width);
       const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
       acc mu[kBlockD], centered[kBlockD];
       for (int64_t i = 0; i < width; ++i) mu[i] = sum.total[i] / denom;
       s.for_each_valid(b, [&](int64_t, int64_t off) {
-        const scalar_t* row = xp + off + d0 * s.sD;
+        const scalar_t* row = xp + off + d0 * st;
         for (int64_t i = 0; i < width; ++i) {
-          const acc v = static_cast<acc>(row[i * s.sD]) - mu[i];
+          const acc v = static_cast<acc>(row[i * st]) - mu[i];
           centered[i] = v * v;
         }
         sq.add(centered, 1, width);
@@ -333,13 +335,14 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(
           std::fill(out, out + width, scalar_t(0));
           continue;
         }
-        const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * s.sD;
+        const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * st;
         for (int64_t i = 0; i < width; ++i) {
           // (x - mean) first: folding the mean into the shift cancels badly when rstd is large.
-          out[i] = static_cast<scalar_t>((static_cast<acc>(row[i * s.sD]) - mu[i]) * scale[i] +
+          out[i] = static_cast<scalar_t>((static_cast<acc>(row[i * st]) - mu[i]) * scale[i] +
                                          shift[i]);
         }
       }
+    });
     });
   });
   return {y, mean, rstd};
@@ -353,7 +356,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_backward_cpu(
   const Seqs gs = make_seqs(grad, mask, cu_seqlens);
   const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t rows = cu_seqlens.has_value() ? x.size(0) : 0;
-  Tensor gx = at::empty(x.sizes(), x.options());
+  Tensor gx = empty_cpu(x.sizes(), x.options());
   const Seqs go = make_seqs(gx, mask, cu_seqlens);
   const Tensor w = param_acc(weight, x);
   Tensor gw = weight.has_value() ? Tensor() : x.new_zeros({0});
@@ -368,6 +371,9 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_backward_cpu(
     const acc* wp = ptr_or_null<acc>(w);
     std::vector<acc> part_w(s.B * s.D, 0), part_b(s.B * s.D, 0);  // [B, D], summed over B
     zero_rows_outside(go, rows, gxp);
+    unit_stride(s.sD == 1 && gs.sD == 1, [&](auto unit) {
+    const auto st = stride_of(unit, s.sD);
+    const auto gst = stride_of(unit, gs.sD);
     parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
       const int64_t width = d1 - d0;
       TokenSum<acc> tg, tgx;
@@ -376,12 +382,12 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_backward_cpu(
       const acc* rs = rp + b * s.D + d0;
       acc gv[kBlockD], gxv[kBlockD];
       s.for_each_valid(b, [&](int64_t j, int64_t off) {
-        const scalar_t* row = xp + off + d0 * s.sD;
-        const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gs.sD;
+        const scalar_t* row = xp + off + d0 * st;
+        const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gst;
         ++n;
         for (int64_t i = 0; i < width; ++i) {
-          const acc xh = (static_cast<acc>(row[i * s.sD]) - mu[i]) * rs[i];
-          gv[i] = static_cast<acc>(grow[i * gs.sD]);
+          const acc xh = (static_cast<acc>(row[i * st]) - mu[i]) * rs[i];
+          gv[i] = static_cast<acc>(grow[i * gst]);
           gxv[i] = gv[i] * xh;
         }
         tg.add(gv, 1, width);
@@ -407,14 +413,15 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_backward_cpu(
           std::fill(out, out + width, scalar_t(0));
           continue;
         }
-        const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * s.sD;
-        const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gs.sD;
+        const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * st;
+        const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gst;
         for (int64_t i = 0; i < width; ++i) {
-          const acc xh = (static_cast<acc>(row[i * s.sD]) - mu[i]) * rs[i];
-          const acc g = static_cast<acc>(grow[i * gs.sD]);
+          const acc xh = (static_cast<acc>(row[i * st]) - mu[i]) * rs[i];
+          const acc g = static_cast<acc>(grow[i * gst]);
           out[i] = static_cast<scalar_t>(rs[i] * (wv[i] * g - a[i] - xh * c[i]));
         }
       }
+    });
     });
     if (weight.has_value()) gw = reduce_partials(part_w, s.B, s.D, *weight);
     if (bias.has_value()) gb = reduce_partials(part_b, s.B, s.D, *bias);

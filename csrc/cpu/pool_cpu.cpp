@@ -32,23 +32,22 @@ Tensor masked_mean_cpu(const Tensor& x, const OptTensor& mask, const OptTensor& 
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
-      TokenSum<acc> sum;
-      const int64_t w = d1 - d0;
-      int64_t n = 0;
-      s.for_each_valid(b, [&](int64_t, int64_t off) {
-        ++n;
-        if (s.sD == 1) {
-          sum.add(xp + off + d0, 1, w);
-        } else {
-          sum.add(xp + off + d0 * s.sD, s.sD, w);
+    unit_stride(s.sD == 1, [&](auto unit) {
+      const auto st = stride_of(unit, s.sD);
+      parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
+        TokenSum<acc> sum;
+        const int64_t w = d1 - d0;
+        int64_t n = 0;
+        s.for_each_valid(b, [&](int64_t, int64_t off) {
+          ++n;
+          sum.add(xp + off + d0 * st, st, w);
+        });
+        sum.flush(w);
+        const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
+        for (int64_t i = 0; i < w; ++i) {
+          op[b * s.D + d0 + i] = static_cast<scalar_t>(sum.total[i] / denom);
         }
       });
-      sum.flush(w);
-      const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
-      for (int64_t i = 0; i < w; ++i) {
-        op[b * s.D + d0 + i] = static_cast<scalar_t>(sum.total[i] / denom);
-      }
     });
   });
   return out;
@@ -73,7 +72,7 @@ Tensor masked_mean_backward_cpu(const Tensor& grad_in, const OptTensor& mask,
                                 const OptTensor& cu_seqlens, int64_t num_tokens) {
   const Tensor grad = grad_in.contiguous();
   const int64_t B = grad.size(0), D = grad.size(1);
-  Tensor gx = at::empty(grad_x_shape(B, num_tokens, D, cu_seqlens.has_value()), grad.options());
+  Tensor gx = empty_cpu(grad_x_shape(B, num_tokens, D, cu_seqlens.has_value()), grad.options());
   const Seqs g = make_seqs(gx, mask, cu_seqlens);
   FP_DISPATCH(grad.scalar_type(), "masked_mean_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -104,10 +103,14 @@ template <typename scalar_t>
 struct ExtremumBlock {
   using acc = acc_t<scalar_t>;
   acc best[kBlockD];
-  int64_t arg[kBlockD];
+  // Token index within the sequence; 32-bit so it vectorizes beside float values.
+  int32_t arg[kBlockD];
   bool any = false;
 
-  void visit(const scalar_t* row, int64_t stride, int64_t w, int64_t j, bool largest) {
+  // Branch-free so the loop vectorizes: take v when it beats best (strictly: the earlier token
+  // keeps ties), or when v is NaN and best is not (v != v is the NaN test).
+  template <bool largest, typename St>
+  void visit(const scalar_t* row, St stride, int64_t w, int32_t j) {
     if (!any) {
       for (int64_t i = 0; i < w; ++i) {
         best[i] = static_cast<acc>(row[i * stride]);
@@ -117,11 +120,11 @@ struct ExtremumBlock {
       return;
     }
     for (int64_t i = 0; i < w; ++i) {
-      const acc v = static_cast<acc>(row[i * stride]);
-      if (beats(v, best[i], largest)) {
-        best[i] = v;
-        arg[i] = j;
-      }
+      const acc v = static_cast<acc>(row[i * stride]), cur = best[i];
+      const bool better = largest ? v > cur : v < cur;
+      const bool take = better | ((v != v) & (cur == cur));
+      best[i] = take ? v : cur;
+      arg[i] = take ? j : arg[i];
     }
   }
 };
@@ -129,22 +132,31 @@ struct ExtremumBlock {
 std::tuple<Tensor, Tensor> masked_extremum_cpu(const Tensor& x, const OptTensor& mask,
                                                const OptTensor& cu_seqlens, bool largest) {
   const Seqs s = make_seqs(x, mask, cu_seqlens);
+  TORCH_CHECK(s.L < std::numeric_limits<int32_t>::max(), "fused_pool: sequences longer than "
+              "2^31 - 1 tokens are not supported, got L = ", s.L);
   Tensor out = at::empty({s.B, s.D}, x.options());
   Tensor idx = at::empty({s.B, s.D}, x.options().dtype(at::kLong));
   FP_DISPATCH(x.scalar_type(), "masked_extremum_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     int64_t* ip = idx.mutable_data_ptr<int64_t>();
-    parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
-      ExtremumBlock<scalar_t> blk;
-      const int64_t w = d1 - d0;
-      s.for_each_valid(b, [&](int64_t j, int64_t off) {
-        blk.visit(xp + off + d0 * s.sD, s.sD, w, j, largest);
+    unit_stride(s.sD == 1, [&](auto unit) {
+      const auto st = stride_of(unit, s.sD);
+      parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
+        ExtremumBlock<scalar_t> blk;
+        const int64_t w = d1 - d0;
+        s.for_each_valid(b, [&](int64_t j, int64_t off) {
+          if (largest) {
+            blk.template visit<true>(xp + off + d0 * st, st, w, j);
+          } else {
+            blk.template visit<false>(xp + off + d0 * st, st, w, j);
+          }
+        });
+        for (int64_t i = 0; i < w; ++i) {
+          op[b * s.D + d0 + i] = blk.any ? static_cast<scalar_t>(blk.best[i]) : scalar_t(0);
+          ip[b * s.D + d0 + i] = blk.any ? blk.arg[i] : -1;
+        }
       });
-      for (int64_t i = 0; i < w; ++i) {
-        op[b * s.D + d0 + i] = blk.any ? static_cast<scalar_t>(blk.best[i]) : scalar_t(0);
-        ip[b * s.D + d0 + i] = blk.any ? blk.arg[i] : -1;
-      }
     });
   });
   return {out, idx};
@@ -275,7 +287,7 @@ Tensor index_pool_backward_cpu(const Tensor& grad_in, const Tensor& indices_in,
                                const OptTensor& cu_seqlens, int64_t num_tokens) {
   const Tensor grad = grad_in.contiguous(), indices = indices_in.contiguous();
   const int64_t B = grad.size(0), K = grad.size(1), D = grad.size(2);
-  Tensor gx = at::empty(grad_x_shape(B, num_tokens, D, cu_seqlens.has_value()), grad.options());
+  Tensor gx = empty_cpu(grad_x_shape(B, num_tokens, D, cu_seqlens.has_value()), grad.options());
   const Seqs g = make_seqs(gx, std::nullopt, cu_seqlens);
   FP_DISPATCH(grad.scalar_type(), "index_pool_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -310,6 +322,8 @@ Tensor index_pool_backward_cpu(const Tensor& grad_in, const Tensor& indices_in,
 std::tuple<Tensor, Tensor> masked_mean_max_cpu(const Tensor& x, const OptTensor& mask,
                                                const OptTensor& cu_seqlens) {
   const Seqs s = make_seqs(x, mask, cu_seqlens);
+  TORCH_CHECK(s.L < std::numeric_limits<int32_t>::max(), "fused_pool: sequences longer than "
+              "2^31 - 1 tokens are not supported, got L = ", s.L);
   Tensor out = at::empty({s.B, 2 * s.D}, x.options());
   Tensor idx = at::empty({s.B, s.D}, x.options().dtype(at::kLong));
   FP_DISPATCH(x.scalar_type(), "masked_mean_max_cpu", [&] {
@@ -317,16 +331,18 @@ std::tuple<Tensor, Tensor> masked_mean_max_cpu(const Tensor& x, const OptTensor&
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     int64_t* ip = idx.mutable_data_ptr<int64_t>();
+    unit_stride(s.sD == 1, [&](auto unit) {
+    const auto st = stride_of(unit, s.sD);
     parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
       ExtremumBlock<scalar_t> blk;
       TokenSum<acc> sum;
       const int64_t w = d1 - d0;
       int64_t n = 0;
       s.for_each_valid(b, [&](int64_t j, int64_t off) {
-        const scalar_t* row = xp + off + d0 * s.sD;
+        const scalar_t* row = xp + off + d0 * st;
         ++n;
-        sum.add(row, s.sD, w);
-        blk.visit(row, s.sD, w, j, true);
+        sum.add(row, st, w);
+        blk.template visit<true>(row, st, w, j);
       });
       sum.flush(w);
       const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
@@ -337,6 +353,7 @@ std::tuple<Tensor, Tensor> masked_mean_max_cpu(const Tensor& x, const OptTensor&
         ip[b * s.D + d0 + i] = blk.any ? blk.arg[i] : -1;
       }
     });
+    });
   });
   return {out, idx};
 }
@@ -346,7 +363,7 @@ Tensor masked_mean_max_backward_cpu(const Tensor& grad_in, const Tensor& indices
                                     int64_t num_tokens) {
   const Tensor grad = grad_in.contiguous(), indices = indices_in.contiguous();
   const int64_t B = grad.size(0), D = indices.size(1);
-  Tensor gx = at::empty(grad_x_shape(B, num_tokens, D, cu_seqlens.has_value()), grad.options());
+  Tensor gx = empty_cpu(grad_x_shape(B, num_tokens, D, cu_seqlens.has_value()), grad.options());
   const Seqs g = make_seqs(gx, mask, cu_seqlens);
   FP_DISPATCH(grad.scalar_type(), "masked_mean_max_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -403,6 +420,8 @@ std::tuple<Tensor, Tensor> attention_pool_cpu(const Tensor& x, const Tensor& sco
     const acc* spp = scores.const_data_ptr<acc>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     acc* lp = lse.mutable_data_ptr<acc>();
+    unit_stride(s.sD == 1, [&](auto unit) {
+    const auto st = stride_of(unit, s.sD);
     at::parallel_for(0, s.B * H * nblk, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / (H * nblk), h = (task / nblk) % H;
@@ -423,8 +442,8 @@ std::tuple<Tensor, Tensor> attention_pool_cpu(const Tensor& x, const Tensor& sco
           }
           const acc p = std::exp(v - m);  // NaN scores propagate, as in torch.softmax
           l += p;
-          const scalar_t* row = xp + off + d0 * s.sD;
-          for (int64_t i = 0; i < w; ++i) accum[i] += p * static_cast<acc>(row[i * s.sD]);
+          const scalar_t* row = xp + off + d0 * st;
+          for (int64_t i = 0; i < w; ++i) accum[i] += p * static_cast<acc>(row[i * st]);
         });
         for (int64_t i = 0; i < w; ++i) {
           op[b * s.D + d0 + i] = n ? static_cast<scalar_t>(accum[i] / l) : scalar_t(0);
@@ -433,6 +452,7 @@ std::tuple<Tensor, Tensor> attention_pool_cpu(const Tensor& x, const Tensor& sco
           lp[b * H + h] = n ? m + std::log(l) : -std::numeric_limits<acc>::infinity();
         }
       }
+    });
     });
   });
   return {out, lse};
@@ -451,7 +471,7 @@ std::tuple<Tensor, Tensor> attention_pool_backward_cpu(
   const Seqs sc = make_seqs(scores, mask, cu_seqlens);
   const int64_t H = scores.size(-1), Dh = H ? s.D / H : 0;
   const int64_t num_tokens = packed ? x.size(0) : x.size(1);
-  Tensor gx = at::empty(x.sizes(), x.options());
+  Tensor gx = empty_cpu(x.sizes(), x.options());
   // Written in the accumulation type, then cast to the scores' dtype (a [B, L, H] tensor).
   Tensor gs = at::zeros(scores.sizes(), scores.options());
   const Seqs g = make_seqs(gx, mask, cu_seqlens);
@@ -531,6 +551,10 @@ Tensor weights_grad(const std::vector<acc>& c, const std::vector<acc>& wn, acc t
   return gw.to(weights.options());
 }
 
+bool all_unit_stride(const std::vector<Seqs>& ls) {
+  return std::all_of(ls.begin(), ls.end(), [](const Seqs& q) { return q.sD == 1; });
+}
+
 std::vector<Seqs> layer_seqs(const std::vector<Tensor>& layers, const OptTensor& mask) {
   std::vector<Seqs> out;
   for (const Tensor& h : layers) out.push_back(make_seqs(h, mask, std::nullopt));
@@ -542,7 +566,7 @@ Tensor weighted_layer_pool_cpu(at::TensorList layers_in, const Tensor& weights) 
   TORCH_CHECK(!layers.empty(), "weighted_layer_pool: no layers");
   const auto ls = layer_seqs(layers, std::nullopt);
   const int64_t B = ls[0].B, L = ls[0].L, D = ls[0].D, N = layers.size();
-  Tensor out = at::empty({B, L, D}, layers[0].options());
+  Tensor out = empty_cpu({B, L, D}, layers[0].options());
   FP_DISPATCH(layers[0].scalar_type(), "weighted_layer_pool_cpu", [&] {
     using acc = acc_t<scalar_t>;
     acc total;
@@ -550,21 +574,24 @@ Tensor weighted_layer_pool_cpu(at::TensorList layers_in, const Tensor& weights) 
     std::vector<const scalar_t*> ptrs;
     for (const Tensor& h : layers) ptrs.push_back(h.const_data_ptr<scalar_t>());
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * L, 16, [&](int64_t lo, int64_t hi) {
-      acc buf[kBlockD];
-      for (int64_t r = lo; r < hi; ++r) {
-        const int64_t b = r / L, j = r % L;
-        for (int64_t d0 = 0; d0 < D; d0 += kBlockD) {
-          const int64_t w = std::min(kBlockD, D - d0);
-          std::fill(buf, buf + w, acc(0));
-          for (int64_t i = 0; i < N; ++i) {
-            const Seqs& q = ls[i];
-            const scalar_t* row = ptrs[i] + b * q.sB + j * q.sL + d0 * q.sD;
-            for (int64_t e = 0; e < w; ++e) buf[e] += wn[i] * static_cast<acc>(row[e * q.sD]);
+    unit_stride(all_unit_stride(ls), [&](auto unit) {
+      at::parallel_for(0, B * L, 16, [&](int64_t lo, int64_t hi) {
+        acc buf[kBlockD];
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t b = r / L, j = r % L;
+          for (int64_t d0 = 0; d0 < D; d0 += kBlockD) {
+            const int64_t w = std::min(kBlockD, D - d0);
+            std::fill(buf, buf + w, acc(0));
+            for (int64_t i = 0; i < N; ++i) {
+              const Seqs& q = ls[i];
+              const auto st = stride_of(unit, q.sD);
+              const scalar_t* row = ptrs[i] + b * q.sB + j * q.sL + d0 * st;
+              for (int64_t e = 0; e < w; ++e) buf[e] += wn[i] * static_cast<acc>(row[e * st]);
+            }
+            for (int64_t e = 0; e < w; ++e) op[r * D + d0 + e] = static_cast<scalar_t>(buf[e]);
           }
-          for (int64_t e = 0; e < w; ++e) op[r * D + d0 + e] = static_cast<scalar_t>(buf[e]);
         }
-      }
+      });
     });
   });
   return out;
@@ -580,7 +607,7 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_pool_backward_cpu(
   const Seqs gq = make_seqs(grad, std::nullopt, std::nullopt);
   const int64_t B = ls[0].B, L = ls[0].L, D = ls[0].D, N = layers.size();
   std::vector<Tensor> grads;
-  for (const Tensor& h : layers) grads.push_back(at::empty({B, L, D}, h.options()));
+  for (const Tensor& h : layers) grads.push_back(empty_cpu({B, L, D}, h.options()));
   Tensor gw;
   FP_DISPATCH(layers[0].scalar_type(), "weighted_layer_pool_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -595,25 +622,30 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_pool_backward_cpu(
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const int64_t rows = B * L, chunks = ceil_div(rows, kRowsPerChunk);
     std::vector<acc> partial(std::max<int64_t>(chunks, 1) * N, 0);
-    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t ch = lo; ch < hi; ++ch) {
-        acc* part = partial.data() + ch * N;
-        for (int64_t r = ch * kRowsPerChunk; r < std::min(rows, (ch + 1) * kRowsPerChunk); ++r) {
-          const int64_t b = r / L, j = r % L;
-          const scalar_t* grow = gp + b * gq.sB + j * gq.sL;
-          for (int64_t i = 0; i < N; ++i) {
-            const Seqs& q = ls[i];
-            const scalar_t* row = ptrs[i] + b * q.sB + j * q.sL;
-            scalar_t* out = gptrs[i] + r * D;
-            part[i] += lane_sum<acc>(D, [&](int64_t d) {
-              return static_cast<acc>(grow[d * gq.sD]) * static_cast<acc>(row[d * q.sD]);
-            });
-            for (int64_t d = 0; d < D; ++d) {
-              out[d] = static_cast<scalar_t>(wn[i] * static_cast<acc>(grow[d * gq.sD]));
+    unit_stride(all_unit_stride(ls) && gq.sD == 1, [&](auto unit) {
+      const auto gst = stride_of(unit, gq.sD);
+      at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t ch = lo; ch < hi; ++ch) {
+          acc* part = partial.data() + ch * N;
+          for (int64_t r = ch * kRowsPerChunk; r < std::min(rows, (ch + 1) * kRowsPerChunk);
+               ++r) {
+            const int64_t b = r / L, j = r % L;
+            const scalar_t* grow = gp + b * gq.sB + j * gq.sL;
+            for (int64_t i = 0; i < N; ++i) {
+              const Seqs& q = ls[i];
+              const auto st = stride_of(unit, q.sD);
+              const scalar_t* row = ptrs[i] + b * q.sB + j * q.sL;
+              scalar_t* out = gptrs[i] + r * D;
+              part[i] += lane_sum<acc>(D, [&](int64_t d) {
+                return static_cast<acc>(grow[d * gst]) * static_cast<acc>(row[d * st]);
+              });
+              for (int64_t d = 0; d < D; ++d) {
+                out[d] = static_cast<scalar_t>(wn[i] * static_cast<acc>(grow[d * gst]));
+              }
             }
           }
         }
-      }
+      });
     });
     std::vector<acc> c(N, 0);
     for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -637,6 +669,7 @@ Tensor weighted_layer_mean_cpu(at::TensorList layers_in, const Tensor& weights,
     std::vector<const scalar_t*> ptrs;
     for (const Tensor& h : layers) ptrs.push_back(h.const_data_ptr<scalar_t>());
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    unit_stride(all_unit_stride(ls), [&](auto unit) {
     parallel_over_blocks(B, D, [&](int64_t b, int64_t d0, int64_t d1) {
       TokenSum<acc> sum;
       const int64_t w = d1 - d0;
@@ -645,7 +678,8 @@ Tensor weighted_layer_mean_cpu(at::TensorList layers_in, const Tensor& weights,
         ++n;
         for (int64_t i = 0; i < N; ++i) {
           const Seqs& q = ls[i];
-          sum.add(ptrs[i] + q.start(b) + j * q.sL + d0 * q.sD, q.sD, w, wn[i]);
+          const auto st = stride_of(unit, q.sD);
+          sum.add(ptrs[i] + q.start(b) + j * q.sL + d0 * st, st, w, wn[i]);
         }
       });
       sum.flush(w);
@@ -653,6 +687,7 @@ Tensor weighted_layer_mean_cpu(at::TensorList layers_in, const Tensor& weights,
       for (int64_t e = 0; e < w; ++e) {
         op[b * D + d0 + e] = static_cast<scalar_t>(sum.total[e] / denom);
       }
+    });
     });
   });
   return out;
@@ -666,7 +701,7 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_mean_backward_cpu(
   const auto ls = layer_seqs(layers, mask);
   const int64_t B = ls[0].B, L = ls[0].L, D = ls[0].D, N = layers.size();
   std::vector<Tensor> grads;
-  for (const Tensor& h : layers) grads.push_back(at::empty({B, L, D}, h.options()));
+  for (const Tensor& h : layers) grads.push_back(empty_cpu({B, L, D}, h.options()));
   Tensor gw;
   FP_DISPATCH(layers[0].scalar_type(), "weighted_layer_mean_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -681,24 +716,26 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_mean_backward_cpu(
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const int64_t nblk = std::max<int64_t>(1, ceil_div(D, kBlockD));
     std::vector<acc> partial(B * nblk * N, 0);  // c_i per task, summed in task order below
+    unit_stride(all_unit_stride(ls), [&](auto unit) {
     parallel_over_blocks(B, D, [&](int64_t b, int64_t d0, int64_t d1) {
       const int64_t w = d1 - d0;
-      std::vector<acc> sums(N * w, 0);
+      std::vector<TokenSum<acc>> sums(N);
       int64_t n = 0;
       ls[0].for_each_valid(b, [&](int64_t j, int64_t) {
         ++n;
         for (int64_t i = 0; i < N; ++i) {
           const Seqs& q = ls[i];
-          const scalar_t* row = ptrs[i] + q.start(b) + j * q.sL + d0 * q.sD;
-          for (int64_t e = 0; e < w; ++e) sums[i * w + e] += static_cast<acc>(row[e * q.sD]);
+          const auto st = stride_of(unit, q.sD);
+          sums[i].add(ptrs[i] + q.start(b) + j * q.sL + d0 * st, st, w);
         }
       });
+      for (auto& t : sums) t.flush(w);
       const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
       acc* part = partial.data() + (b * nblk + d0 / kBlockD) * N;
       for (int64_t i = 0; i < N; ++i) {
         acc c = 0;
         for (int64_t e = 0; e < w; ++e) {
-          c += static_cast<acc>(gp[b * D + d0 + e]) * (sums[i * w + e] / denom);
+          c += static_cast<acc>(gp[b * D + d0 + e]) * (sums[i].total[e] / denom);
         }
         part[i] = c;
         for (int64_t j = 0; j < L; ++j) {
@@ -713,6 +750,7 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_mean_backward_cpu(
           }
         }
       }
+    });
     });
     std::vector<acc> c(N, 0);
     for (int64_t t = 0; t < B * nblk; ++t) {
