@@ -12,8 +12,8 @@
 #endif
 
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -127,8 +127,7 @@ inline Seqs make_seqs(const Tensor& t, const OptTensor& mask, const OptTensor& c
 }
 
 // Shape of a gradient of x: [B, num_tokens, D] (padded) or [num_tokens, D] (packed).
-inline std::vector<int64_t> grad_x_shape(int64_t B, int64_t num_tokens, int64_t D,
-                                         bool packed) {
+inline std::vector<int64_t> grad_x_shape(int64_t B, int64_t num_tokens, int64_t D, bool packed) {
   if (packed) return {num_tokens, D};
   return {B, num_tokens, D};
 }

@@ -46,9 +46,8 @@ Tensor reduce_partials(const std::vector<acc>& partial, int64_t chunks, int64_t 
 // LayerNorm (centered) and RMSNorm over the last dims, as rows [M, N].
 // ---------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor> row_norm_forward(const Tensor& x_in, int64_t nd,
-                                                    const OptTensor& weight,
-                                                    const OptTensor& bias, double eps,
-                                                    bool centered) {
+                                                    const OptTensor& weight, const OptTensor& bias,
+                                                    double eps, bool centered) {
   const Tensor x = x_in.contiguous();
   const auto stat_shape = x.sizes().slice(0, x.dim() - nd);
   const int64_t N = c10::multiply_integers(x.sizes().slice(x.dim() - nd));
@@ -69,9 +68,10 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_forward(const Tensor& x_in, int64_t 
     at::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = xp + r * N;
-        const acc mu = centered ? lane_sum<acc>(N, [&](int64_t i) {
-          return static_cast<acc>(row[i]);
-        }) / std::max<int64_t>(N, 1) : acc(0);
+        const acc mu = centered
+                           ? lane_sum<acc>(N, [&](int64_t i) { return static_cast<acc>(row[i]); }) /
+                                 std::max<int64_t>(N, 1)
+                           : acc(0);
         const acc ss = lane_sum<acc>(N, [&](int64_t i) {
           const acc v = static_cast<acc>(row[i]) - mu;
           return v * v;
@@ -140,7 +140,8 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_backward(const Tensor& grad_in, cons
           }
           const acc a = centered ? sum_g / N : acc(0), c = sum_gx / N;
           scalar_t* out = gxp + r * N;
-          for (int64_t i = 0; i < N; ++i) out[i] = static_cast<scalar_t>(rs * (gh(i) - a - xh(i) * c));
+          for (int64_t i = 0; i < N; ++i)
+            out[i] = static_cast<scalar_t>(rs * (gh(i) - a - xh(i) * c));
         }
       }
     });
@@ -156,9 +157,10 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_cpu(const Tensor& x, int64_t nd,
   return row_norm_forward(x, nd, weight, bias, eps, true);
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(
-    const Tensor& grad, const Tensor& x, int64_t nd, const OptTensor& weight,
-    const OptTensor& bias, const Tensor& mean, const Tensor& rstd) {
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad, const Tensor& x,
+                                                           int64_t nd, const OptTensor& weight,
+                                                           const OptTensor& bias,
+                                                           const Tensor& mean, const Tensor& rstd) {
   return row_norm_backward(grad, x, nd, weight, bias, mean, rstd, true);
 }
 
@@ -277,9 +279,10 @@ void zero_rows_outside(const Seqs& s, int64_t total_rows, T* out) {
   std::fill(out + last * s.D, out + total_rows * s.D, T(0));
 }
 
-std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(
-    const Tensor& x, const OptTensor& mask, const OptTensor& cu_seqlens,
-    const OptTensor& weight, const OptTensor& bias, double eps) {
+std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(const Tensor& x, const OptTensor& mask,
+                                                            const OptTensor& cu_seqlens,
+                                                            const OptTensor& weight,
+                                                            const OptTensor& bias, double eps) {
   const Seqs s = make_seqs(x, mask, cu_seqlens);
   const int64_t rows = cu_seqlens.has_value() ? x.size(0) : 0;
   Tensor y = empty_cpu(x.sizes(), x.options());
@@ -297,52 +300,52 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(
     const acc* bp = ptr_or_null<acc>(bb);
     zero_rows_outside(ys, rows, yp);
     unit_stride(s.sD == 1, [&](auto unit) {
-    const auto st = stride_of(unit, s.sD);
-    parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
-      const int64_t width = d1 - d0;
-      TokenSum<acc> sum, sq;
-      int64_t n = 0;
-      s.for_each_valid(b, [&](int64_t, int64_t off) {
-        ++n;
-        sum.add(xp + off + d0 * st, st, width);
-      });
-      sum.flush(width);
-      const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
-      acc mu[kBlockD], centered[kBlockD];
-      for (int64_t i = 0; i < width; ++i) mu[i] = sum.total[i] / denom;
-      s.for_each_valid(b, [&](int64_t, int64_t off) {
-        const scalar_t* row = xp + off + d0 * st;
+      const auto st = stride_of(unit, s.sD);
+      parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
+        const int64_t width = d1 - d0;
+        TokenSum<acc> sum, sq;
+        int64_t n = 0;
+        s.for_each_valid(b, [&](int64_t, int64_t off) {
+          ++n;
+          sum.add(xp + off + d0 * st, st, width);
+        });
+        sum.flush(width);
+        const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
+        acc mu[kBlockD], centered[kBlockD];
+        for (int64_t i = 0; i < width; ++i) mu[i] = sum.total[i] / denom;
+        s.for_each_valid(b, [&](int64_t, int64_t off) {
+          const scalar_t* row = xp + off + d0 * st;
+          for (int64_t i = 0; i < width; ++i) {
+            const acc v = static_cast<acc>(row[i * st]) - mu[i];
+            centered[i] = v * v;
+          }
+          sq.add(centered, 1, width);
+        });
+        sq.flush(width);
+        const acc* var = sq.total;
+        acc scale[kBlockD], shift[kBlockD];
         for (int64_t i = 0; i < width; ++i) {
-          const acc v = static_cast<acc>(row[i * st]) - mu[i];
-          centered[i] = v * v;
+          const acc rs = acc(1) / std::sqrt(var[i] / denom + static_cast<acc>(eps));
+          mp[b * s.D + d0 + i] = mu[i];
+          rp[b * s.D + d0 + i] = rs;
+          scale[i] = wp ? wp[d0 + i] * rs : rs;
+          shift[i] = bp ? bp[d0 + i] : acc(0);
         }
-        sq.add(centered, 1, width);
+        const int64_t len = ys.len(b);
+        for (int64_t j = 0; j < len; ++j) {
+          scalar_t* out = yp + ys.start(b) + j * ys.sL + d0;
+          if (!s.valid(b, j)) {
+            std::fill(out, out + width, scalar_t(0));
+            continue;
+          }
+          const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * st;
+          for (int64_t i = 0; i < width; ++i) {
+            // (x - mean) first: folding the mean into the shift cancels badly when rstd is large.
+            out[i] = static_cast<scalar_t>((static_cast<acc>(row[i * st]) - mu[i]) * scale[i] +
+                                           shift[i]);
+          }
+        }
       });
-      sq.flush(width);
-      const acc* var = sq.total;
-      acc scale[kBlockD], shift[kBlockD];
-      for (int64_t i = 0; i < width; ++i) {
-        const acc rs = acc(1) / std::sqrt(var[i] / denom + static_cast<acc>(eps));
-        mp[b * s.D + d0 + i] = mu[i];
-        rp[b * s.D + d0 + i] = rs;
-        scale[i] = wp ? wp[d0 + i] * rs : rs;
-        shift[i] = bp ? bp[d0 + i] : acc(0);
-      }
-      const int64_t len = ys.len(b);
-      for (int64_t j = 0; j < len; ++j) {
-        scalar_t* out = yp + ys.start(b) + j * ys.sL + d0;
-        if (!s.valid(b, j)) {
-          std::fill(out, out + width, scalar_t(0));
-          continue;
-        }
-        const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * st;
-        for (int64_t i = 0; i < width; ++i) {
-          // (x - mean) first: folding the mean into the shift cancels badly when rstd is large.
-          out[i] = static_cast<scalar_t>((static_cast<acc>(row[i * st]) - mu[i]) * scale[i] +
-                                         shift[i]);
-        }
-      }
-    });
     });
   });
   return {y, mean, rstd};
@@ -350,8 +353,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(
 
 std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_backward_cpu(
     const Tensor& grad, const Tensor& x, const OptTensor& mask, const OptTensor& cu_seqlens,
-    const OptTensor& weight, const OptTensor& bias, const Tensor& mean_in,
-    const Tensor& rstd_in) {
+    const OptTensor& weight, const OptTensor& bias, const Tensor& mean_in, const Tensor& rstd_in) {
   const Seqs s = make_seqs(x, mask, cu_seqlens);
   const Seqs gs = make_seqs(grad, mask, cu_seqlens);
   const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
@@ -372,56 +374,56 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_backward_cpu(
     std::vector<acc> part_w(s.B * s.D, 0), part_b(s.B * s.D, 0);  // [B, D], summed over B
     zero_rows_outside(go, rows, gxp);
     unit_stride(s.sD == 1 && gs.sD == 1, [&](auto unit) {
-    const auto st = stride_of(unit, s.sD);
-    const auto gst = stride_of(unit, gs.sD);
-    parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
-      const int64_t width = d1 - d0;
-      TokenSum<acc> tg, tgx;
-      int64_t n = 0;
-      const acc* mu = mp + b * s.D + d0;
-      const acc* rs = rp + b * s.D + d0;
-      acc gv[kBlockD], gxv[kBlockD];
-      s.for_each_valid(b, [&](int64_t j, int64_t off) {
-        const scalar_t* row = xp + off + d0 * st;
-        const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gst;
-        ++n;
+      const auto st = stride_of(unit, s.sD);
+      const auto gst = stride_of(unit, gs.sD);
+      parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
+        const int64_t width = d1 - d0;
+        TokenSum<acc> tg, tgx;
+        int64_t n = 0;
+        const acc* mu = mp + b * s.D + d0;
+        const acc* rs = rp + b * s.D + d0;
+        acc gv[kBlockD], gxv[kBlockD];
+        s.for_each_valid(b, [&](int64_t j, int64_t off) {
+          const scalar_t* row = xp + off + d0 * st;
+          const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gst;
+          ++n;
+          for (int64_t i = 0; i < width; ++i) {
+            const acc xh = (static_cast<acc>(row[i * st]) - mu[i]) * rs[i];
+            gv[i] = static_cast<acc>(grow[i * gst]);
+            gxv[i] = gv[i] * xh;
+          }
+          tg.add(gv, 1, width);
+          tgx.add(gxv, 1, width);
+        });
+        tg.flush(width);
+        tgx.flush(width);
+        const acc* sum_g = tg.total;
+        const acc* sum_gx = tgx.total;
+        const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
+        acc a[kBlockD], c[kBlockD], wv[kBlockD];
         for (int64_t i = 0; i < width; ++i) {
-          const acc xh = (static_cast<acc>(row[i * st]) - mu[i]) * rs[i];
-          gv[i] = static_cast<acc>(grow[i * gst]);
-          gxv[i] = gv[i] * xh;
+          part_w[b * s.D + d0 + i] = sum_gx[i];
+          part_b[b * s.D + d0 + i] = sum_g[i];
+          wv[i] = wp ? wp[d0 + i] : acc(1);
+          a[i] = wv[i] * sum_g[i] / denom;
+          c[i] = wv[i] * sum_gx[i] / denom;
         }
-        tg.add(gv, 1, width);
-        tgx.add(gxv, 1, width);
+        const int64_t len = go.len(b);
+        for (int64_t j = 0; j < len; ++j) {
+          scalar_t* out = gxp + go.start(b) + j * go.sL + d0;
+          if (!s.valid(b, j)) {
+            std::fill(out, out + width, scalar_t(0));
+            continue;
+          }
+          const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * st;
+          const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gst;
+          for (int64_t i = 0; i < width; ++i) {
+            const acc xh = (static_cast<acc>(row[i * st]) - mu[i]) * rs[i];
+            const acc g = static_cast<acc>(grow[i * gst]);
+            out[i] = static_cast<scalar_t>(rs[i] * (wv[i] * g - a[i] - xh * c[i]));
+          }
+        }
       });
-      tg.flush(width);
-      tgx.flush(width);
-      const acc* sum_g = tg.total;
-      const acc* sum_gx = tgx.total;
-      const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
-      acc a[kBlockD], c[kBlockD], wv[kBlockD];
-      for (int64_t i = 0; i < width; ++i) {
-        part_w[b * s.D + d0 + i] = sum_gx[i];
-        part_b[b * s.D + d0 + i] = sum_g[i];
-        wv[i] = wp ? wp[d0 + i] : acc(1);
-        a[i] = wv[i] * sum_g[i] / denom;
-        c[i] = wv[i] * sum_gx[i] / denom;
-      }
-      const int64_t len = go.len(b);
-      for (int64_t j = 0; j < len; ++j) {
-        scalar_t* out = gxp + go.start(b) + j * go.sL + d0;
-        if (!s.valid(b, j)) {
-          std::fill(out, out + width, scalar_t(0));
-          continue;
-        }
-        const scalar_t* row = xp + s.start(b) + j * s.sL + d0 * st;
-        const scalar_t* grow = gp + gs.start(b) + j * gs.sL + d0 * gst;
-        for (int64_t i = 0; i < width; ++i) {
-          const acc xh = (static_cast<acc>(row[i * st]) - mu[i]) * rs[i];
-          const acc g = static_cast<acc>(grow[i * gst]);
-          out[i] = static_cast<scalar_t>(rs[i] * (wv[i] * g - a[i] - xh * c[i]));
-        }
-      }
-    });
     });
     if (weight.has_value()) gw = reduce_partials(part_w, s.B, s.D, *weight);
     if (bias.has_value()) gb = reduce_partials(part_b, s.B, s.D, *bias);

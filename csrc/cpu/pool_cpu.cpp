@@ -4,9 +4,9 @@
 // Every forward reads each valid token's row once, in token order, and never touches a padded
 // one: work is split into (sequence, block of D) tasks with at::parallel_for, each keeping its
 // accumulators (float, or double for double input) in a small stack array.
-#include "../common.h"
-
 #include <algorithm>
+
+#include "../common.h"
 
 namespace fused_pool {
 namespace {
@@ -132,8 +132,10 @@ struct ExtremumBlock {
 std::tuple<Tensor, Tensor> masked_extremum_cpu(const Tensor& x, const OptTensor& mask,
                                                const OptTensor& cu_seqlens, bool largest) {
   const Seqs s = make_seqs(x, mask, cu_seqlens);
-  TORCH_CHECK(s.L < std::numeric_limits<int32_t>::max(), "fused_pool: sequences longer than "
-              "2^31 - 1 tokens are not supported, got L = ", s.L);
+  TORCH_CHECK(s.L < std::numeric_limits<int32_t>::max(),
+              "fused_pool: sequences longer than "
+              "2^31 - 1 tokens are not supported, got L = ",
+              s.L);
   Tensor out = at::empty({s.B, s.D}, x.options());
   Tensor idx = at::empty({s.B, s.D}, x.options().dtype(at::kLong));
   FP_DISPATCH(x.scalar_type(), "masked_extremum_cpu", [&] {
@@ -178,8 +180,8 @@ inline bool ranks_after(T av, int64_t ai, T bv, int64_t bi) {
 // Small k: stream the tokens once, keeping k candidates per feature; a new token (always the
 // highest index so far) enters only if it strictly beats the current worst candidate.
 template <typename scalar_t>
-void kmax_streaming(const Seqs& s, const scalar_t* xp, int64_t k, int64_t b, int64_t d0,
-                    int64_t d1, scalar_t* vp, int64_t* ip) {
+void kmax_streaming(const Seqs& s, const scalar_t* xp, int64_t k, int64_t b, int64_t d0, int64_t d1,
+                    scalar_t* vp, int64_t* ip) {
   using acc = acc_t<scalar_t>;
   const int64_t w = d1 - d0;
   std::vector<acc> vals(k * w);
@@ -233,8 +235,8 @@ void kmax_streaming(const Seqs& s, const scalar_t* xp, int64_t k, int64_t b, int
 
 // Large k: gather each feature's valid values and select with nth_element (O(n) per feature).
 template <typename scalar_t>
-void kmax_select(const Seqs& s, const scalar_t* xp, int64_t k, int64_t b, int64_t d0,
-                 int64_t d1, scalar_t* vp, int64_t* ip) {
+void kmax_select(const Seqs& s, const scalar_t* xp, int64_t k, int64_t b, int64_t d0, int64_t d1,
+                 scalar_t* vp, int64_t* ip) {
   using acc = acc_t<scalar_t>;
   const int64_t w = d1 - d0;
   std::vector<int64_t> tokens;
@@ -322,8 +324,10 @@ Tensor index_pool_backward_cpu(const Tensor& grad_in, const Tensor& indices_in,
 std::tuple<Tensor, Tensor> masked_mean_max_cpu(const Tensor& x, const OptTensor& mask,
                                                const OptTensor& cu_seqlens) {
   const Seqs s = make_seqs(x, mask, cu_seqlens);
-  TORCH_CHECK(s.L < std::numeric_limits<int32_t>::max(), "fused_pool: sequences longer than "
-              "2^31 - 1 tokens are not supported, got L = ", s.L);
+  TORCH_CHECK(s.L < std::numeric_limits<int32_t>::max(),
+              "fused_pool: sequences longer than "
+              "2^31 - 1 tokens are not supported, got L = ",
+              s.L);
   Tensor out = at::empty({s.B, 2 * s.D}, x.options());
   Tensor idx = at::empty({s.B, s.D}, x.options().dtype(at::kLong));
   FP_DISPATCH(x.scalar_type(), "masked_mean_max_cpu", [&] {
@@ -332,27 +336,27 @@ std::tuple<Tensor, Tensor> masked_mean_max_cpu(const Tensor& x, const OptTensor&
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     int64_t* ip = idx.mutable_data_ptr<int64_t>();
     unit_stride(s.sD == 1, [&](auto unit) {
-    const auto st = stride_of(unit, s.sD);
-    parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
-      ExtremumBlock<scalar_t> blk;
-      TokenSum<acc> sum;
-      const int64_t w = d1 - d0;
-      int64_t n = 0;
-      s.for_each_valid(b, [&](int64_t j, int64_t off) {
-        const scalar_t* row = xp + off + d0 * st;
-        ++n;
-        sum.add(row, st, w);
-        blk.template visit<true>(row, st, w, j);
+      const auto st = stride_of(unit, s.sD);
+      parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
+        ExtremumBlock<scalar_t> blk;
+        TokenSum<acc> sum;
+        const int64_t w = d1 - d0;
+        int64_t n = 0;
+        s.for_each_valid(b, [&](int64_t j, int64_t off) {
+          const scalar_t* row = xp + off + d0 * st;
+          ++n;
+          sum.add(row, st, w);
+          blk.template visit<true>(row, st, w, j);
+        });
+        sum.flush(w);
+        const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
+        for (int64_t i = 0; i < w; ++i) {
+          op[b * 2 * s.D + d0 + i] = static_cast<scalar_t>(sum.total[i] / denom);
+          op[b * 2 * s.D + s.D + d0 + i] =
+              blk.any ? static_cast<scalar_t>(blk.best[i]) : scalar_t(0);
+          ip[b * s.D + d0 + i] = blk.any ? blk.arg[i] : -1;
+        }
       });
-      sum.flush(w);
-      const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
-      for (int64_t i = 0; i < w; ++i) {
-        op[b * 2 * s.D + d0 + i] = static_cast<scalar_t>(sum.total[i] / denom);
-        op[b * 2 * s.D + s.D + d0 + i] =
-            blk.any ? static_cast<scalar_t>(blk.best[i]) : scalar_t(0);
-        ip[b * s.D + d0 + i] = blk.any ? blk.arg[i] : -1;
-      }
-    });
     });
   });
   return {out, idx};
@@ -400,8 +404,7 @@ Tensor masked_mean_max_backward_cpu(const Tensor& grad_in, const Tensor& indices
 // in one pass with an online softmax (running max m, running sum l, rescaled accumulators).
 // ---------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor> attention_pool_cpu(const Tensor& x, const Tensor& scores_in,
-                                              const OptTensor& mask,
-                                              const OptTensor& cu_seqlens) {
+                                              const OptTensor& mask, const OptTensor& cu_seqlens) {
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Scores ([B, L, H], a D/H-th of x) are read in the accumulation type: one small conversion
   // instead of a kernel per (x dtype, scores dtype) pair.
@@ -409,8 +412,7 @@ std::tuple<Tensor, Tensor> attention_pool_cpu(const Tensor& x, const Tensor& sco
   const Seqs s = make_seqs(x, mask, cu_seqlens);
   const Seqs sc = make_seqs(scores, mask, cu_seqlens);  // sD: stride over heads
   const int64_t H = scores.size(-1);
-  TORCH_CHECK(H >= 1 && s.D % H == 0, "attention_pool: D = ", s.D, " is not divisible by H = ",
-              H);
+  TORCH_CHECK(H >= 1 && s.D % H == 0, "attention_pool: D = ", s.D, " is not divisible by H = ", H);
   const int64_t Dh = s.D / H, nblk = std::max<int64_t>(1, ceil_div(Dh, kBlockD));
   Tensor out = at::empty({s.B, s.D}, x.options());
   Tensor lse = at::empty({s.B, H}, x.options().dtype(acc_type));
@@ -421,38 +423,38 @@ std::tuple<Tensor, Tensor> attention_pool_cpu(const Tensor& x, const Tensor& sco
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     acc* lp = lse.mutable_data_ptr<acc>();
     unit_stride(s.sD == 1, [&](auto unit) {
-    const auto st = stride_of(unit, s.sD);
-    at::parallel_for(0, s.B * H * nblk, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t task = lo; task < hi; ++task) {
-        const int64_t b = task / (H * nblk), h = (task / nblk) % H;
-        const int64_t d0 = h * Dh + (task % nblk) * kBlockD;
-        const int64_t d1 = std::min(h * Dh + Dh, d0 + kBlockD), w = d1 - d0;
-        acc accum[kBlockD] = {};
-        acc m = -std::numeric_limits<acc>::infinity(), l = 0;
-        int64_t n = 0;
-        const int64_t sbase = sc.start(b) + h * sc.sD;
-        s.for_each_valid(b, [&](int64_t j, int64_t off) {
-          const acc v = spp[sbase + j * sc.sL];
-          ++n;
-          if (v > m) {  // a new running max: rescale what was accumulated so far
-            const acc scale = std::exp(m - v);
-            l *= scale;
-            for (int64_t i = 0; i < w; ++i) accum[i] *= scale;
-            m = v;
+      const auto st = stride_of(unit, s.sD);
+      at::parallel_for(0, s.B * H * nblk, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t task = lo; task < hi; ++task) {
+          const int64_t b = task / (H * nblk), h = (task / nblk) % H;
+          const int64_t d0 = h * Dh + (task % nblk) * kBlockD;
+          const int64_t d1 = std::min(h * Dh + Dh, d0 + kBlockD), w = d1 - d0;
+          acc accum[kBlockD] = {};
+          acc m = -std::numeric_limits<acc>::infinity(), l = 0;
+          int64_t n = 0;
+          const int64_t sbase = sc.start(b) + h * sc.sD;
+          s.for_each_valid(b, [&](int64_t j, int64_t off) {
+            const acc v = spp[sbase + j * sc.sL];
+            ++n;
+            if (v > m) {  // a new running max: rescale what was accumulated so far
+              const acc scale = std::exp(m - v);
+              l *= scale;
+              for (int64_t i = 0; i < w; ++i) accum[i] *= scale;
+              m = v;
+            }
+            const acc p = std::exp(v - m);  // NaN scores propagate, as in torch.softmax
+            l += p;
+            const scalar_t* row = xp + off + d0 * st;
+            for (int64_t i = 0; i < w; ++i) accum[i] += p * static_cast<acc>(row[i * st]);
+          });
+          for (int64_t i = 0; i < w; ++i) {
+            op[b * s.D + d0 + i] = n ? static_cast<scalar_t>(accum[i] / l) : scalar_t(0);
           }
-          const acc p = std::exp(v - m);  // NaN scores propagate, as in torch.softmax
-          l += p;
-          const scalar_t* row = xp + off + d0 * st;
-          for (int64_t i = 0; i < w; ++i) accum[i] += p * static_cast<acc>(row[i * st]);
-        });
-        for (int64_t i = 0; i < w; ++i) {
-          op[b * s.D + d0 + i] = n ? static_cast<scalar_t>(accum[i] / l) : scalar_t(0);
+          if (d0 == h * Dh) {
+            lp[b * H + h] = n ? m + std::log(l) : -std::numeric_limits<acc>::infinity();
+          }
         }
-        if (d0 == h * Dh) {
-          lp[b * H + h] = n ? m + std::log(l) : -std::numeric_limits<acc>::infinity();
-        }
-      }
-    });
+      });
     });
   });
   return {out, lse};
@@ -460,9 +462,11 @@ std::tuple<Tensor, Tensor> attention_pool_cpu(const Tensor& x, const Tensor& sco
 
 // grad_x[t]_h = p_t g_h;  grad_s[t, h] = p_t (c_t - sum_u p_u c_u),  c_t = <g_h, x[t]_h>.
 // The sum is recomputed from x (not from the rounded output) in the first pass over tokens.
-std::tuple<Tensor, Tensor> attention_pool_backward_cpu(
-    const Tensor& grad_in, const Tensor& x, const Tensor& scores_in, const OptTensor& mask,
-    const OptTensor& cu_seqlens, const Tensor& out, const Tensor& lse_in) {
+std::tuple<Tensor, Tensor> attention_pool_backward_cpu(const Tensor& grad_in, const Tensor& x,
+                                                       const Tensor& scores_in,
+                                                       const OptTensor& mask,
+                                                       const OptTensor& cu_seqlens,
+                                                       const Tensor& out, const Tensor& lse_in) {
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor grad = grad_in.contiguous(), lse = lse_in.contiguous();
   const Tensor scores = scores_in.to(acc_type);
@@ -502,8 +506,8 @@ std::tuple<Tensor, Tensor> attention_pool_backward_cpu(
           }
           const acc p = std::exp(spp[sbase + j * sc.sL] - lse_bh);
           const scalar_t* row = xp + s.start(b) + j * s.sL + h * Dh * s.sD;
-          const acc cj = lane_sum<acc>(
-              Dh, [&](int64_t e) { return gh[e] * static_cast<acc>(row[e * s.sD]); });
+          const acc cj =
+              lane_sum<acc>(Dh, [&](int64_t e) { return gh[e] * static_cast<acc>(row[e * s.sD]); });
           for (int64_t e = 0; e < Dh; ++e) grow[e] = static_cast<scalar_t>(p * gh[e]);
           c[j] = cj;
           delta += p * cj;
@@ -600,8 +604,9 @@ Tensor weighted_layer_pool_cpu(at::TensorList layers_in, const Tensor& weights) 
 // Rows per partial-sum chunk: fixed, so the weight gradient does not depend on thread count.
 constexpr int64_t kRowsPerChunk = 64;
 
-std::tuple<std::vector<Tensor>, Tensor> weighted_layer_pool_backward_cpu(
-    const Tensor& grad, at::TensorList layers_in, const Tensor& weights) {
+std::tuple<std::vector<Tensor>, Tensor> weighted_layer_pool_backward_cpu(const Tensor& grad,
+                                                                         at::TensorList layers_in,
+                                                                         const Tensor& weights) {
   const std::vector<Tensor> layers(layers_in.begin(), layers_in.end());
   const auto ls = layer_seqs(layers, std::nullopt);
   const Seqs gq = make_seqs(grad, std::nullopt, std::nullopt);
@@ -627,8 +632,7 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_pool_backward_cpu(
       at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t ch = lo; ch < hi; ++ch) {
           acc* part = partial.data() + ch * N;
-          for (int64_t r = ch * kRowsPerChunk; r < std::min(rows, (ch + 1) * kRowsPerChunk);
-               ++r) {
+          for (int64_t r = ch * kRowsPerChunk; r < std::min(rows, (ch + 1) * kRowsPerChunk); ++r) {
             const int64_t b = r / L, j = r % L;
             const scalar_t* grow = gp + b * gq.sB + j * gq.sL;
             for (int64_t i = 0; i < N; ++i) {
@@ -670,32 +674,33 @@ Tensor weighted_layer_mean_cpu(at::TensorList layers_in, const Tensor& weights,
     for (const Tensor& h : layers) ptrs.push_back(h.const_data_ptr<scalar_t>());
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     unit_stride(all_unit_stride(ls), [&](auto unit) {
-    parallel_over_blocks(B, D, [&](int64_t b, int64_t d0, int64_t d1) {
-      TokenSum<acc> sum;
-      const int64_t w = d1 - d0;
-      int64_t n = 0;
-      ls[0].for_each_valid(b, [&](int64_t j, int64_t) {
-        ++n;
-        for (int64_t i = 0; i < N; ++i) {
-          const Seqs& q = ls[i];
-          const auto st = stride_of(unit, q.sD);
-          sum.add(ptrs[i] + q.start(b) + j * q.sL + d0 * st, st, w, wn[i]);
+      parallel_over_blocks(B, D, [&](int64_t b, int64_t d0, int64_t d1) {
+        TokenSum<acc> sum;
+        const int64_t w = d1 - d0;
+        int64_t n = 0;
+        ls[0].for_each_valid(b, [&](int64_t j, int64_t) {
+          ++n;
+          for (int64_t i = 0; i < N; ++i) {
+            const Seqs& q = ls[i];
+            const auto st = stride_of(unit, q.sD);
+            sum.add(ptrs[i] + q.start(b) + j * q.sL + d0 * st, st, w, wn[i]);
+          }
+        });
+        sum.flush(w);
+        const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
+        for (int64_t e = 0; e < w; ++e) {
+          op[b * D + d0 + e] = static_cast<scalar_t>(sum.total[e] / denom);
         }
       });
-      sum.flush(w);
-      const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
-      for (int64_t e = 0; e < w; ++e) {
-        op[b * D + d0 + e] = static_cast<scalar_t>(sum.total[e] / denom);
-      }
-    });
     });
   });
   return out;
 }
 
-std::tuple<std::vector<Tensor>, Tensor> weighted_layer_mean_backward_cpu(
-    const Tensor& grad_in, at::TensorList layers_in, const Tensor& weights,
-    const OptTensor& mask) {
+std::tuple<std::vector<Tensor>, Tensor> weighted_layer_mean_backward_cpu(const Tensor& grad_in,
+                                                                         at::TensorList layers_in,
+                                                                         const Tensor& weights,
+                                                                         const OptTensor& mask) {
   const Tensor grad = grad_in.contiguous();
   const std::vector<Tensor> layers(layers_in.begin(), layers_in.end());
   const auto ls = layer_seqs(layers, mask);
@@ -717,40 +722,40 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_mean_backward_cpu(
     const int64_t nblk = std::max<int64_t>(1, ceil_div(D, kBlockD));
     std::vector<acc> partial(B * nblk * N, 0);  // c_i per task, summed in task order below
     unit_stride(all_unit_stride(ls), [&](auto unit) {
-    parallel_over_blocks(B, D, [&](int64_t b, int64_t d0, int64_t d1) {
-      const int64_t w = d1 - d0;
-      std::vector<TokenSum<acc>> sums(N);
-      int64_t n = 0;
-      ls[0].for_each_valid(b, [&](int64_t j, int64_t) {
-        ++n;
+      parallel_over_blocks(B, D, [&](int64_t b, int64_t d0, int64_t d1) {
+        const int64_t w = d1 - d0;
+        std::vector<TokenSum<acc>> sums(N);
+        int64_t n = 0;
+        ls[0].for_each_valid(b, [&](int64_t j, int64_t) {
+          ++n;
+          for (int64_t i = 0; i < N; ++i) {
+            const Seqs& q = ls[i];
+            const auto st = stride_of(unit, q.sD);
+            sums[i].add(ptrs[i] + q.start(b) + j * q.sL + d0 * st, st, w);
+          }
+        });
+        for (auto& t : sums) t.flush(w);
+        const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
+        acc* part = partial.data() + (b * nblk + d0 / kBlockD) * N;
         for (int64_t i = 0; i < N; ++i) {
-          const Seqs& q = ls[i];
-          const auto st = stride_of(unit, q.sD);
-          sums[i].add(ptrs[i] + q.start(b) + j * q.sL + d0 * st, st, w);
-        }
-      });
-      for (auto& t : sums) t.flush(w);
-      const acc denom = static_cast<acc>(std::max<int64_t>(n, 1));
-      acc* part = partial.data() + (b * nblk + d0 / kBlockD) * N;
-      for (int64_t i = 0; i < N; ++i) {
-        acc c = 0;
-        for (int64_t e = 0; e < w; ++e) {
-          c += static_cast<acc>(gp[b * D + d0 + e]) * (sums[i].total[e] / denom);
-        }
-        part[i] = c;
-        for (int64_t j = 0; j < L; ++j) {
-          scalar_t* row = gptrs[i] + (b * L + j) * D + d0;
-          if (ls[0].valid(b, j)) {
-            for (int64_t e = 0; e < w; ++e) {
-              row[e] = static_cast<scalar_t>(wn[i] * static_cast<acc>(gp[b * D + d0 + e]) /
-                                             denom);
+          acc c = 0;
+          for (int64_t e = 0; e < w; ++e) {
+            c += static_cast<acc>(gp[b * D + d0 + e]) * (sums[i].total[e] / denom);
+          }
+          part[i] = c;
+          for (int64_t j = 0; j < L; ++j) {
+            scalar_t* row = gptrs[i] + (b * L + j) * D + d0;
+            if (ls[0].valid(b, j)) {
+              for (int64_t e = 0; e < w; ++e) {
+                row[e] =
+                    static_cast<scalar_t>(wn[i] * static_cast<acc>(gp[b * D + d0 + e]) / denom);
+              }
+            } else {
+              std::fill(row, row + w, scalar_t(0));
             }
-          } else {
-            std::fill(row, row + w, scalar_t(0));
           }
         }
-      }
-    });
+      });
     });
     std::vector<acc> c(N, 0);
     for (int64_t t = 0; t < B * nblk; ++t) {
