@@ -3,8 +3,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #if defined(__linux__)
@@ -31,25 +34,65 @@ using acc_t = at::opmath_type<T>;
 #define FP_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// A CPU tensor for an output of [B, L, D] size. Outputs of 16 MiB and more are placed on 2 MiB
-// aligned memory with a transparent-huge-page hint: a fresh 50 MB tensor otherwise costs ~12k
-// page faults (~15 ms on a 2-core machine, more than the kernel that fills it), and with huge
-// pages ~25. Where the hint is not honoured this is an ordinary aligned allocation.
-inline Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
-                       c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+// The allocator of CPU outputs of [B, L, D] size (gradients of x, norm outputs, the weighted-layer
+// output). Blocks of 16 MiB and more go on 2 MiB-aligned memory with a transparent-huge-page hint:
+// a fresh 50 MB tensor otherwise costs ~12k page faults (~15 ms on a 2-core machine, more than the
+// kernel that fills it), with huge pages ~25. Allocations are reported to the torch profiler like
+// the default CPU allocator's, so memory measurements see them. Smaller blocks, and systems
+// without the hint, use torch's default CPU allocator.
+class HugePageAllocator final : public c10::Allocator {
+ public:
+  static constexpr size_t kHuge = size_t(2) << 20;
+  static constexpr size_t kMinBytes = 8 * kHuge;
+
+  c10::DataPtr allocate(size_t nbytes) override {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (bytes >= 8 * kHuge) {
-    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, rounded) == 0) {
-      madvise(p, rounded, MADV_HUGEPAGE);
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, options);
+    if (nbytes >= kMinBytes) {
+      const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
+      void* p = nullptr;
+      if (posix_memalign(&p, kHuge, rounded) == 0) {
+        madvise(p, rounded, MADV_HUGEPAGE);
+        auto* ctx = new Block{p, rounded};
+        report(p, static_cast<int64_t>(rounded));
+        return {p, ctx, &free_block, c10::Device(c10::DeviceType::CPU)};
+      }
+    }
+#endif
+    return c10::GetCPUAllocator()->allocate(nbytes);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+  static std::atomic<size_t>& live() {
+    static std::atomic<size_t> bytes{0};
+    return bytes;
+  }
+  static void report(void* p, int64_t delta) {
+    const size_t now = live() += delta;
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(p, delta, now, now, c10::Device(c10::DeviceType::CPU));
     }
   }
-#endif
-  return at::empty(sizes, options);
+  static void free_block(void* ctx) {
+    auto* b = static_cast<Block*>(ctx);
+    report(b->ptr, -static_cast<int64_t>(b->bytes));
+    std::free(b->ptr);
+    delete b;
+  }
+};
+
+// An uninitialized contiguous CPU tensor from HugePageAllocator.
+inline Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static HugePageAllocator allocator;
+  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
 }
 
 // Features handled by one task: a block of D so each task's accumulators stay in L1.

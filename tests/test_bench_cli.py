@@ -26,6 +26,9 @@ def test_bench_writes_table_and_results(tmp_path, capsys):
         assert float(r["median_ms"]) > 0 and float(r["max_error"]) < 1e-3
     meta = json.load(open(tmp_path / "results.json"))["meta"]
     assert meta["copy_gbps"] > 0 and meta["torch"]
+    assert bench_main(["--markdown", str(tmp_path / "results.csv")]) == 0
+    table = capsys.readouterr().out
+    assert "fp:torch" in table and "| masked_mean | fwd |" in table
 
 
 def test_bench_plot_writes_pngs(tmp_path):

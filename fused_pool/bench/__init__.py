@@ -75,6 +75,8 @@ def _parse(argv):
     p.add_argument("--plot", action="store_true", help="also sweep L and D and write PNG "
                    "plots of GB/s (forward)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--markdown", metavar="RESULTS_CSV", default=None,
+                   help="print a Markdown table (per implementation) of a results.csv and exit")
     return p.parse_args(argv)
 
 
@@ -230,6 +232,11 @@ def run(args, out: str | None = None, extra_meta: dict | None = None):
                             return _step(case, inputs[i % 2], mode, impl.fn, gout)
 
                         ms = timer.median_ms(call)
+                        # Free the previous call's gradients first, so the peak counts the
+                        # gradients this call allocates (a freed old one would offset them).
+                        for inp in inputs:
+                            for t in case.grad_inputs(inp):
+                                t.grad = None
                         peak = None if args.no_memory else peak_extra_bytes(
                             lambda call=call: call(0), device)
                         err = None
@@ -270,6 +277,12 @@ def _reference(case: OpCase, inp: Inputs, mode: str, gout):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
+    if args.markdown:
+        rows = report.load_rows(args.markdown)
+        for impl in dict.fromkeys(r.impl for r in rows):
+            if impl.startswith("fp:"):
+                print(f"\n{impl}\n\n{report.markdown(rows, impl)}")
+        return 0
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     out = args.out or os.path.join("bench", "results",

@@ -181,3 +181,37 @@ def _copy_args(args, **changes):
     for k, v in changes.items():
         setattr(ns, k, v)
     return ns
+
+
+def markdown(rows, impl: str) -> str:
+    """A README table for one implementation: per op and mode, ms and its speedups."""
+    lines = ["| op | mode | ms | GB/s | % copy bw | × eager | × compile |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.impl != impl:
+            continue
+        lines.append(f"| {r.op} | {r.mode} | {_fmt(r.median_ms, '.2f')} | {_fmt(r.gbps, '.1f')} | "
+                     f"{_fmt(r.pct_copy_bw, '.0f')} | {_fmt(r.speedup_vs_eager, '.1f')} | "
+                     f"{_fmt(r.speedup_vs_compile, '.2f')} |")
+    return "\n".join(lines)
+
+
+def load_rows(path: str):
+    """Rows of a results.csv written by ``write``, with numbers parsed back."""
+    from . import Row
+
+    out = []
+    with open(path) as f:
+        for d in csv.DictReader(f):
+            kw = {}
+            for field in dataclasses.fields(Row):
+                v = d[field.name]
+                if field.name in ("median_ms", "gbps", "pct_copy_bw", "speedup_vs_eager",
+                                  "speedup_vs_compile", "max_error"):
+                    kw[field.name] = None if v in ("", "None") else float(v)
+                elif field.name == "peak_extra_bytes":
+                    kw[field.name] = None if v in ("", "None") else int(v)
+                else:
+                    kw[field.name] = v
+            out.append(Row(**kw))
+    return out
