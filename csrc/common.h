@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -35,11 +37,14 @@ using acc_t = at::opmath_type<T>;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // The allocator of CPU outputs of [B, L, D] size (gradients of x, norm outputs, the weighted-layer
-// output). Blocks of 16 MiB and more go on 2 MiB-aligned memory with a transparent-huge-page hint:
-// a fresh 50 MB tensor otherwise costs ~12k page faults (~15 ms on a 2-core machine, more than the
-// kernel that fills it), with huge pages ~25. Allocations are reported to the torch profiler like
-// the default CPU allocator's, so memory measurements see them. Smaller blocks, and systems
-// without the hint, use torch's default CPU allocator.
+// output). A fresh 50 MB tensor costs ~12k page faults on first touch (~15 ms on a 2-core
+// machine, more than the kernel that fills it), paid again at every training step since glibc
+// returns such blocks to the kernel. So blocks of 16 MiB and more go on 2 MiB-aligned memory with
+// a transparent-huge-page hint (~25 faults instead), and freed blocks are kept, like the CUDA
+// caching allocator does, for the next output of the same size: at most FUSED_POOL_CPU_CACHE_MB
+// (default 1024; 0 disables) are held. Allocations are reported to the torch profiler like the
+// default CPU allocator's (bytes in use, and bytes reserved including the cache). Smaller blocks
+// use torch's default CPU allocator.
 class HugePageAllocator final : public c10::Allocator {
  public:
   static constexpr size_t kHuge = size_t(2) << 20;
@@ -49,12 +54,16 @@ class HugePageAllocator final : public c10::Allocator {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (nbytes >= kMinBytes) {
       const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
-      void* p = nullptr;
-      if (posix_memalign(&p, kHuge, rounded) == 0) {
+      void* p = take_cached(rounded);
+      if (p == nullptr && posix_memalign(&p, kHuge, rounded) == 0) {
         madvise(p, rounded, MADV_HUGEPAGE);
-        auto* ctx = new Block{p, rounded};
+        std::lock_guard<std::mutex> lock(mutex_);
+        reserved_ += rounded;
+      }
+      if (p != nullptr) {
+        auto* ctx = new Block{p, rounded, this};
         report(p, static_cast<int64_t>(rounded));
-        return {p, ctx, &free_block, c10::Device(c10::DeviceType::CPU)};
+        return {p, ctx, &release, c10::Device(c10::DeviceType::CPU)};
       }
     }
 #endif
@@ -69,29 +78,70 @@ class HugePageAllocator final : public c10::Allocator {
   struct Block {
     void* ptr;
     size_t bytes;
+    HugePageAllocator* owner;
   };
-  static std::atomic<size_t>& live() {
-    static std::atomic<size_t> bytes{0};
-    return bytes;
+
+  static size_t cache_limit() {
+    static const size_t limit = [] {
+      const char* v = std::getenv("FUSED_POOL_CPU_CACHE_MB");
+      return static_cast<size_t>(v ? std::atoll(v) : 1024) << 20;
+    }();
+    return limit;
   }
-  static void report(void* p, int64_t delta) {
-    const size_t now = live() += delta;
+
+  void* take_cached(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = cache_.find(bytes);
+    if (it == cache_.end()) return nullptr;
+    void* p = it->second;
+    cache_.erase(it);
+    cached_ -= bytes;
+    return p;
+  }
+
+  void report(void* p, int64_t delta) {
+    size_t in_use, reserved;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_ = static_cast<size_t>(static_cast<int64_t>(in_use_) + delta);
+      in_use = in_use_;
+      reserved = reserved_;
+    }
     if (c10::memoryProfilingEnabled()) {
-      c10::reportMemoryUsageToProfiler(p, delta, now, now, c10::Device(c10::DeviceType::CPU));
+      c10::reportMemoryUsageToProfiler(p, delta, in_use, reserved,
+                                       c10::Device(c10::DeviceType::CPU));
     }
   }
-  static void free_block(void* ctx) {
+
+  static void release(void* ctx) {
     auto* b = static_cast<Block*>(ctx);
-    report(b->ptr, -static_cast<int64_t>(b->bytes));
-    std::free(b->ptr);
+    HugePageAllocator* self = b->owner;
+    self->report(b->ptr, -static_cast<int64_t>(b->bytes));
+    bool keep;
+    {
+      std::lock_guard<std::mutex> lock(self->mutex_);
+      keep = self->cached_ + b->bytes <= cache_limit();
+      if (keep) {
+        self->cache_.emplace(b->bytes, b->ptr);
+        self->cached_ += b->bytes;
+      } else {
+        self->reserved_ -= b->bytes;
+      }
+    }
+    if (!keep) std::free(b->ptr);
     delete b;
   }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> cache_;  // rounded size -> free block
+  size_t cached_ = 0, in_use_ = 0, reserved_ = 0;
 };
 
 // An uninitialized contiguous CPU tensor from HugePageAllocator.
 inline Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  static HugePageAllocator allocator;
-  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+  // Never destroyed: tensors may outlive static destruction at interpreter exit.
+  static HugePageAllocator* allocator = new HugePageAllocator();
+  return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
 }
 

@@ -351,3 +351,16 @@ def test_first_call_may_be_inside_torch_compile():
             "assert torch.equal(f(x), x.amax(1))\n")
     r = _run_python(code)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_cpu_output_cache_can_be_disabled():
+    if not fp.backend_status()["cpp"][0]:
+        pytest.skip("the C++ extension is not built")
+    code = ("import torch, fused_pool as fp\n"
+            "x = torch.randn(4, 1024, 1024, requires_grad=True)\n"
+            "with fp.use_backend('cpp'):\n"
+            "    for _ in range(2):\n"
+            "        (g,) = torch.autograd.grad(fp.masked_mean(x).sum(), x)\n"
+            "        assert torch.allclose(g, torch.full_like(g, 1 / 1024))\n")
+    r = _run_python(code, FUSED_POOL_CPU_CACHE_MB="0")
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -408,3 +408,23 @@ def test_large_values_accumulate_in_float32(tgt):
     got = fp.masked_mean(xb).double().item()
     want = (1.0 + 511 * xb[0, 1].double().item()) / 512
     assert abs(got - want) < 1e-4
+
+
+def test_large_outputs_are_fully_written(tgt):
+    """Outputs of 16 MiB and more come from a cache of reused blocks on the C++ CPU path:
+    every element, padding included, must be written on every call (fresh, then reused)."""
+    if tgt.interpreted:
+        pytest.skip("too large for the Triton interpreter")
+    x = rand(4, 1024, 1024, device=tgt.device)  # 16 MiB gradients
+    for trial in range(3):
+        mask = make_mask(4, 1024, tgt.device, kind="holes")
+        xl = leaf(poison_padding(x, mask, 100.0 * (trial + 1)))
+        g = torch.randn(4, 1024, device=tgt.device) * (trial + 1)
+        (gx,) = torch.autograd.grad(fp.masked_mean(xl, mask), xl, g)
+        n = mask.sum(1, keepdim=True).clamp(min=1)
+        want = torch.where(mask[..., None], (g / n)[:, None, :], 0)
+        torch.testing.assert_close(gx, want)
+        y = fp.layer_norm(xl.detach(), 1024)
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(xl.detach(), (1024,)),
+                                   rtol=1e-5, atol=1e-5)
+        del gx, y
