@@ -5,6 +5,7 @@
 // one: work is split into (sequence, block of D) tasks with at::parallel_for, each keeping its
 // accumulators (float, or double for double input) in a small stack array.
 #include <algorithm>
+#include <cstring>
 
 #include "../common.h"
 
@@ -179,14 +180,16 @@ inline bool ranks_after(T av, int64_t ai, T bv, int64_t bi) {
 
 // Small k: stream the tokens once, keeping k candidates per feature; a new token (always the
 // highest index so far) enters only if it strictly beats the current worst candidate.
-template <typename scalar_t>
-void kmax_streaming(const Seqs& s, const scalar_t* xp, int64_t k, int64_t b, int64_t d0, int64_t d1,
-                    scalar_t* vp, int64_t* ip) {
+template <typename scalar_t, typename St>
+void kmax_streaming(const Seqs& s, const scalar_t* xp, St st, int64_t k, int64_t b, int64_t d0,
+                    int64_t d1, scalar_t* vp, int64_t* ip) {
   using acc = acc_t<scalar_t>;
   const int64_t w = d1 - d0;
   std::vector<acc> vals(k * w);
   std::vector<int64_t> ids(k * w);
   std::vector<int64_t> worst(w, 0);
+  std::vector<acc> worst_val(w);  // vals[worst[i] * w + i], kept contiguous for the scan
+  std::vector<uint8_t> hit(w);
   int64_t filled = 0;
   auto find_worst = [&](int64_t i) {
     int64_t wpos = 0;
@@ -196,12 +199,13 @@ void kmax_streaming(const Seqs& s, const scalar_t* xp, int64_t k, int64_t b, int
       }
     }
     worst[i] = wpos;
+    worst_val[i] = vals[wpos * w + i];
   };
   s.for_each_valid(b, [&](int64_t j, int64_t off) {
-    const scalar_t* row = xp + off + d0 * s.sD;
+    const scalar_t* row = xp + off + d0 * st;
     if (filled < k) {
       for (int64_t i = 0; i < w; ++i) {
-        vals[filled * w + i] = static_cast<acc>(row[i * s.sD]);
+        vals[filled * w + i] = static_cast<acc>(row[i * st]);
         ids[filled * w + i] = j;
       }
       if (++filled == k) {
@@ -209,11 +213,25 @@ void kmax_streaming(const Seqs& s, const scalar_t* xp, int64_t k, int64_t b, int
       }
       return;
     }
+    // Once the candidates settle, few values enter: a vectorized, branch-free scan flags them
+    // (same test as `beats`), and only flagged features take the slow path.
+    int64_t hits = 0;
     for (int64_t i = 0; i < w; ++i) {
-      const acc v = static_cast<acc>(row[i * s.sD]);
-      const int64_t r = worst[i];
-      if (beats(v, vals[r * w + i], true)) {
-        vals[r * w + i] = v;
+      const acc v = static_cast<acc>(row[i * st]), cur = worst_val[i];
+      const bool h = (v > cur) | ((v != v) & (cur == cur));
+      hit[i] = h;
+      hits += h;
+    }
+    if (hits == 0) return;
+    // Visit only the flagged features: eight flags per 64-bit word, skipped a word at a time.
+    for (int64_t i0 = 0; i0 < w; i0 += 8) {
+      uint64_t word = 0;
+      std::memcpy(&word, hit.data() + i0, std::min<int64_t>(8, w - i0));
+      while (word != 0) {
+        const int64_t i = i0 + __builtin_ctzll(word) / 8;
+        word &= word - 1;  // the flag byte is 0 or 1: clearing its lowest set bit clears it
+        const int64_t r = worst[i];
+        vals[r * w + i] = static_cast<acc>(row[i * st]);
         ids[r * w + i] = j;
         find_worst(i);
       }
@@ -273,12 +291,15 @@ std::tuple<Tensor, Tensor> masked_kmax_cpu(const Tensor& x, const OptTensor& mas
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* vp = values.mutable_data_ptr<scalar_t>();
     int64_t* ip = idx.mutable_data_ptr<int64_t>();
-    parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
-      if (k <= 16) {
-        kmax_streaming(s, xp, k, b, d0, d1, vp, ip);
-      } else {
-        kmax_select(s, xp, k, b, d0, d1, vp, ip);
-      }
+    unit_stride(s.sD == 1, [&](auto unit) {
+      const auto st = stride_of(unit, s.sD);
+      parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
+        if (k <= 16) {
+          kmax_streaming(s, xp, st, k, b, d0, d1, vp, ip);
+        } else {
+          kmax_select(s, xp, k, b, d0, d1, vp, ip);
+        }
+      });
     });
   });
   return {values, idx};
