@@ -225,6 +225,17 @@ inline std::vector<int64_t> grad_x_shape(int64_t B, int64_t num_tokens, int64_t 
   return {B, num_tokens, D};
 }
 
+// Writes zero rows of a packed output that no sequence covers (only reachable if cu_seqlens
+// does not start at 0 or end at T, which the Python layer rejects outside torch.compile).
+template <typename T>
+inline void zero_uncovered_rows(const Seqs& s, int64_t total_rows, T* out) {
+  if (s.cu.empty()) return;
+  const int64_t first = s.B > 0 ? s.cu[0] : total_rows;
+  const int64_t last = s.B > 0 ? s.cu[s.B] : total_rows;
+  std::fill(out, out + first * s.D, T(0));
+  std::fill(out + last * s.D, out + total_rows * s.D, T(0));
+}
+
 // max/min ordering of the contract: NaN beats every number; among equal values the earlier
 // (lower index) token keeps its place, so callers visit tokens in order and replace only on
 // a strict win.

@@ -270,15 +270,6 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_backward_cpu(
 // Each (sequence, block of D) task makes three passes over its valid tokens (mean, variance,
 // output); the block of a sequence is small enough that passes two and three hit the cache.
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-void zero_rows_outside(const Seqs& s, int64_t total_rows, T* out) {
-  if (s.cu.empty()) return;
-  const int64_t first = s.B > 0 ? s.cu[0] : total_rows;
-  const int64_t last = s.B > 0 ? s.cu[s.B] : total_rows;
-  std::fill(out, out + first * s.D, T(0));
-  std::fill(out + last * s.D, out + total_rows * s.D, T(0));
-}
-
 std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(const Tensor& x, const OptTensor& mask,
                                                             const OptTensor& cu_seqlens,
                                                             const OptTensor& weight,
@@ -298,7 +289,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(const Tensor& x, con
     acc* rp = rstd.mutable_data_ptr<acc>();
     const acc* wp = ptr_or_null<acc>(w);
     const acc* bp = ptr_or_null<acc>(bb);
-    zero_rows_outside(ys, rows, yp);
+    zero_uncovered_rows(ys, rows, yp);
     unit_stride(s.sD == 1, [&](auto unit) {
       const auto st = stride_of(unit, s.sD);
       parallel_over_blocks(s.B, s.D, [&](int64_t b, int64_t d0, int64_t d1) {
@@ -372,7 +363,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_backward_cpu(
     const acc* rp = rstd.const_data_ptr<acc>();
     const acc* wp = ptr_or_null<acc>(w);
     std::vector<acc> part_w(s.B * s.D, 0), part_b(s.B * s.D, 0);  // [B, D], summed over B
-    zero_rows_outside(go, rows, gxp);
+    zero_uncovered_rows(go, rows, gxp);
     unit_stride(s.sD == 1 && gs.sD == 1, [&](auto unit) {
       const auto st = stride_of(unit, s.sD);
       const auto gst = stride_of(unit, gs.sD);

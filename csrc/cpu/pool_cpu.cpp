@@ -12,17 +12,6 @@
 namespace fused_pool {
 namespace {
 
-// Writes zero rows of a packed gradient that no sequence covers (only reachable if cu_seqlens
-// does not start at 0 or end at T, which the Python layer rejects outside torch.compile).
-template <typename T>
-void zero_uncovered_rows(const Seqs& s, int64_t total_rows, T* out) {
-  if (s.cu.empty()) return;
-  const int64_t first = s.B > 0 ? s.cu[0] : total_rows;
-  const int64_t last = s.B > 0 ? s.cu[s.B] : total_rows;
-  std::fill(out, out + first * s.D, T(0));
-  std::fill(out + last * s.D, out + total_rows * s.D, T(0));
-}
-
 // ---------------------------------------------------------------------------------------------
 // masked_mean:  out[b, d] = sum_{j valid} x[b, j, d] / n_b  (0 when n_b == 0)
 // ---------------------------------------------------------------------------------------------

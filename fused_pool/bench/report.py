@@ -163,9 +163,10 @@ def sweep_and_plot(args, shape, dtype, backends, baselines, device, copy_bw, out
         for ax in list(axes.flat)[len(ops):]:
             ax.axis("off")
         other = f"D={d}" if axis == "L" else f"L={length}"
+        where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else slug("", device))
         fig.suptitle(f"forward GB/s vs {axis} ({other}, B={b}, {dtype}, padding "
-                     f"{args.padding}) on {slug('', device) if device.type == 'cpu' else ''}"
-                     f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
+                     f"{args.padding}) on {where}")
         fig.tight_layout()
         path = os.path.join(out, f"bandwidth_vs_{axis}.png")
         fig.savefig(path, dpi=90)
