@@ -280,6 +280,36 @@ def test_torch_compile_fullgraph(tgt, case):
                                torch.autograd.grad(want.sum(), xe)[0])
 
 
+def test_cuda_graph_capture(tgt):
+    """No host synchronization inside an op: every forward and backward can be captured in a
+    CUDA graph and replayed on new data in place."""
+    if tgt.device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    dev = tgt.device
+    xl = leaf(rand(2, 5, 6, device=dev))  # the shape _compile_cases' masks and layers expect
+    calls = _compile_cases(dev)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls.values():  # warm up: Triton compiles, allocator pools fill
+            torch.autograd.grad(fn(xl).sum(), xl)
+    torch.cuda.current_stream().wait_stream(stream)
+    for name, fn in calls.items():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(xl)
+            (gx,) = torch.autograd.grad(out.sum(), xl)
+        new = rand(2, 5, 6, device=dev)
+        with torch.no_grad():
+            xl.copy_(new)
+        graph.replay()
+        xn = leaf(new)
+        want = fn(xn)
+        torch.testing.assert_close(out, want, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(gx, torch.autograd.grad(want.sum(), xn)[0],
+                                   msg=lambda m, n=name: f"{n} grad: {m}")
+
+
 def test_torch_compile_inductor_and_dynamic_shapes(tgt):
     """Inductor compiles around the ops (fake kernels give it shapes); one dynamic-shape graph
     serves several sizes."""
