@@ -8,7 +8,9 @@ pooling head from ``fused_pool.nn`` and a linear classifier, trained on the few 
 sentences below (positive / negative reviews) with the usual recipe: AdamW (weight decay off for
 biases and norms; a larger learning rate for the new head than for the pretrained encoder),
 linear warm-up then cosine decay, gradient-norm clipping at 1.0. Prints the loss as it goes, then
-the accuracy on sentences it has not seen. About a minute on 2 CPU cores with the defaults.
+the accuracy on sentences it has not seen. About a minute on 2 CPU cores with the defaults
+(model loading, then ~1.2 s a step). On a machine busy with other jobs, run it with
+OMP_NUM_THREADS=1: idle OpenMP threads spin and made 2 threads 5x slower than 1 there.
 
 Heads (``--pooling``): ``mean``, ``max``, ``meanmax`` (``cat([mean, max])``), ``attention``
 (learned token scores), ``weighted`` (``WeightedLayerPooling`` over the last layers, then the

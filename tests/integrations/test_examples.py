@@ -17,7 +17,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def run_example(name, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # One thread: these batches are tiny, and on a shared machine OpenMP's spinning threads made
+    # two threads several times slower than one.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True,
                           text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
