@@ -40,7 +40,8 @@ Supported: sentence-transformers >= 6.0 (the ``pooling_mode`` API). Before 6.2, 
 weighted absolute positions; from 6.2 on, positions counted from the first non-padding token
 (they differ under left padding); both are followed, by the installed version. The packed
 (``cu_seq_lens_q``, flash-attention unpadded) input goes through the fused packed kernels too,
-except with a prompt to exclude, where the stock code runs.
+except with a prompt to exclude, where the stock code runs. Exporting the model (ONNX, OpenVINO)
+traces the fused operators, which those formats do not know: ``unswap_pooling`` first.
 """
 
 from __future__ import annotations
