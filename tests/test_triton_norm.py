@@ -1,0 +1,123 @@
+"""Paths of the Triton norm kernels (``fused_pool/triton/norm.py``) that the contract suite's tiny
+shapes do not reach: the chunked (looping) path for long rows, several row tiles per backward
+program, two-level row strides, per-channel parameters, packed sequences, the float64 eps.
+
+Each launcher is compared with the torch reference in float64 (and float32)."""
+
+import pytest
+import torch
+
+import fused_pool as fp
+from fused_pool.backends import reference
+
+if "triton" not in fp.available_backends():
+    pytest.skip("the triton backend is not available here", allow_module_level=True)
+
+from fused_pool.triton import norm  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(params=["single", "loop"])
+def path(request, monkeypatch):
+    """``loop``: rows longer than 16 elements take the chunked path, 16 elements a chunk."""
+    if request.param == "loop":
+        monkeypatch.setattr(norm, "_MAX_SINGLE_N", 16)
+        monkeypatch.setattr(norm, "_MAX_SINGLE_N_FP64", 16)
+        monkeypatch.setattr(norm, "_LOOP_BLOCK_N", 16)
+    monkeypatch.setattr(norm, "_TILE_ELEMS", 64)  # several rows per tile for short rows
+    return request.param
+
+
+def _close(got, want, dtype):
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(got.to(want.dtype), want, rtol=tol, atol=tol)
+
+
+def _check(outs, refs, dtype):
+    for got, want in zip(outs, refs):
+        _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [5, 37])
+def test_row_norms(path, dtype, n):
+    # [L, B, N] transposed to [B, L, N]: two-level row strides; grad with yet another layout.
+    x = (torch.randn(7, 3, n, dtype=dtype, device=DEVICE) * 2 + 3).transpose(0, 1)
+    g = torch.randn(3, n, 7, dtype=dtype, device=DEVICE).transpose(1, 2)
+    w = torch.rand(n, dtype=dtype, device=DEVICE) + 0.5
+    b = torch.randn(n, dtype=dtype, device=DEVICE)
+    for weight, bias in ((w, b), (None, b), (w, None), (None, None)):
+        y, mean, rstd = norm.layer_norm(x, 1, weight, bias, 1e-5)
+        ry, rmean, rrstd = reference.layer_norm(x, 1, weight, bias, 1e-5)
+        _check((y, mean, rstd), (ry, rmean, rrstd), dtype)
+        gx, gw, gb = norm.layer_norm_backward(g, x, 1, weight, bias, mean, rstd)
+        _check((gx, gw, gb), reference.layer_norm_backward(g, x, 1, weight, bias, rmean, rrstd),
+               dtype)
+        y, rstd = norm.rms_norm(x, 1, weight, 1e-6)
+        _check((y, rstd), reference.rms_norm(x, 1, weight, 1e-6), dtype)
+        gx, gw = norm.rms_norm_backward(g, x, 1, weight, rstd)
+        _check((gx, gw), reference.rms_norm_backward(g, x, 1, weight, rstd), dtype)
+
+
+def test_layer_norm_two_normalized_dims_and_stride0_grad(path):
+    x = torch.randn(4, 3, 9, dtype=torch.float64, device=DEVICE)[:, :, ::2]  # [4, 3, 5], sn = 2
+    w = torch.rand(3, 5, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(3, 5, dtype=torch.float64, device=DEVICE)
+    y, mean, rstd = norm.layer_norm(x, 2, w, b, 1e-5)  # normalized dims do not merge: copied
+    _check((y, mean, rstd), reference.layer_norm(x, 2, w, b, 1e-5), torch.float64)
+    g = torch.ones(1, dtype=torch.float64, device=DEVICE).expand(4, 3, 5)  # sum().backward()
+    _check(norm.layer_norm_backward(g, x, 2, w, b, mean, rstd),
+           reference.layer_norm_backward(g, x, 2, w, b, mean, rstd), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_instance_norm(path, dtype):
+    x = (torch.randn(2, 40, 3, dtype=dtype, device=DEVICE) - 2).transpose(1, 2)  # [B, C, S]
+    g = torch.randn(2, 3, 40, dtype=dtype, device=DEVICE)
+    w = torch.rand(3, dtype=dtype, device=DEVICE) + 0.5
+    b = torch.randn(3, dtype=dtype, device=DEVICE)
+    for weight, bias in ((w, b), (None, None)):
+        y, mean, rstd = norm.instance_norm(x, weight, bias, 1e-5)
+        _check((y, mean, rstd), reference.instance_norm(x, weight, bias, 1e-5), dtype)
+        _check(norm.instance_norm_backward(g, x, weight, bias, mean, rstd),
+               reference.instance_norm_backward(g, x, weight, bias, mean, rstd), dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_masked_instance_norm_several_tiles(packed):
+    mask = torch.rand(3, 11, device=DEVICE) < 0.7
+    mask[1] = False  # empty sequence: mean 0, rstd 1 / sqrt(eps), zero output and gradient
+    mask[2, :9] = True
+    x = torch.randn(3, 11, 20, dtype=torch.float64, device=DEVICE) + 1
+    g = torch.randn(3, 11, 20, dtype=torch.float64, device=DEVICE)
+    w = torch.rand(20, dtype=torch.float64, device=DEVICE) + 0.5
+    b = torch.randn(20, dtype=torch.float64, device=DEVICE)
+    cu = None
+    if packed:
+        lengths = mask.sum(1)
+        mask = torch.arange(11, device=DEVICE)[None, :] < lengths[:, None]  # prefix mask
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        x, g, mask = x[mask], g[mask], None
+    y, mean, rstd = norm.masked_instance_norm(x, mask, cu, w, b, 1e-5)
+    _check((y, mean, rstd), reference.masked_instance_norm(x, mask, cu, w, b, 1e-5),
+           torch.float64)
+    _check(norm.masked_instance_norm_backward(g, x, mask, cu, w, b, mean, rstd),
+           reference.masked_instance_norm_backward(g, x, mask, cu, w, b, mean, rstd),
+           torch.float64)
+
+
+def test_float64_eps_is_not_rounded_to_float32():
+    x = torch.full((2, 1), 3.0, dtype=torch.float64, device=DEVICE)  # variance 0: rstd = eps^-1/2
+    _, _, rstd = norm.layer_norm(x, 1, None, None, 1e-5)
+    assert abs(rstd[0].item() * 1e-5 ** 0.5 - 1) < 1e-12
+
+
+def test_parameter_gradients_are_deterministic(path):
+    x = torch.randn(9, 37, device=DEVICE)
+    g = torch.randn(9, 37, device=DEVICE)
+    w, b = torch.rand(37, device=DEVICE), torch.randn(37, device=DEVICE)
+    _, mean, rstd = norm.layer_norm(x, 1, w, b, 1e-5)
+    first = norm.layer_norm_backward(g, x, 1, w, b, mean, rstd)
+    second = norm.layer_norm_backward(g, x, 1, w, b, mean, rstd)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
