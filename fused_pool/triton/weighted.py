@@ -103,6 +103,24 @@ def _is_fp64(t: Tensor) -> bool:
     return t.dtype == torch.float64
 
 
+#: Triton's interpreter converts float32 to bfloat16 by truncation; GPUs round to nearest even.
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _cast_to(v, ptr):
+    """``v`` converted to ``ptr``'s element type, rounding to nearest even (by hand for
+    bfloat16 under the interpreter, so that CPU tests see the GPU's rounding)."""
+    ty = ptr.dtype.element_ty
+    if _ROUND_BF16_BY_HAND:
+        if ty == tl.bfloat16:
+            f = v.to(tl.float32)
+            bits = f.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = tl.where(f != f, f, bits.to(tl.float32, bitcast=True))
+    return v.to(ty)
+
+
 # ----------------------------------------------------------------------------------------------
 # Attention pooling
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +190,7 @@ def _attention_pool_fwd_kernel(
     if SPLIT == 1:
         nonempty = tl.load(count_ptr + b) > 0
         out = tl.where(nonempty, acc / denom, 0.0)
-        tl.store(out_ptr + b * D + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+        tl.store(out_ptr + b * D + d, _cast_to(out, out_ptr), mask=dmask)
         lse = tl.where(nonempty, m + tl.log(denom), float("-inf"))
         tl.store(lse_ptr + b * H + h, lse.to(lse_ptr.dtype.element_ty), mask=blk == 0)
     else:
@@ -212,7 +230,7 @@ def _attention_pool_merge_kernel(
     acc = tl.sum(c[:, None] * accs, 0)
     nonempty = tl.load(count_ptr + b) > 0
     out = tl.where(nonempty, acc / total, 0.0)
-    tl.store(out_ptr + b * D + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+    tl.store(out_ptr + b * D + d, _cast_to(out, out_ptr), mask=dmask)
     lse = tl.where(nonempty, mx + tl.log(total), float("-inf"))
     tl.store(lse_ptr + b * H + h, lse.to(lse_ptr.dtype.element_ty), mask=blk == 0)
 
@@ -263,60 +281,65 @@ def attention_pool(
 
 
 @triton.jit
-def _attention_pool_bwd_kernel(
-    grad_ptr, x_ptr, s_ptr, out_ptr, lse_ptr, gx_ptr, gs_ptr,
-    start_ptr, end_ptr, mask_ptr, stride_mb, stride_ml,
-    stride_xb, stride_xt, stride_xd, stride_sb, stride_st, stride_sh,
-    stride_gxb, stride_gxt, stride_gsb, stride_gst, stride_gsh, stride_ob, stride_od,
-    D, DH, H, NUM_TOKENS,
-    HAS_MASK: tl.constexpr, PACKED: tl.constexpr, SPLIT: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Attention-pooling gradients of one (sequence b, head h, token chunk).
-
-    Grid ``(B, H, SPLIT)``. With ``p_t = exp(s[t, h] - lse[b, h])`` at valid tokens (0
-    elsewhere) and ``delta = <grad[b, h], out[b, h]>``: ``grad_x[t, h] = p_t * grad[b, h]``
-    and ``grad_s[t, h] = p_t * (<grad[b, h], x[t, h]> - delta)``. Every token row of the
-    sequence is written (padded layout: all L rows, zeros at padding), reading x only at valid
-    tokens.
-    """
-    acc_ty = tl.float64 if IS_FP64 else tl.float32
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
-    hd = h.to(tl.int64) * DH  # first feature of the head
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_t = tl.arange(0, BLOCK_T)
-
-    delta = tl.sum(tl.zeros([BLOCK_D], acc_ty), 0)
-    for e0 in range(0, DH, BLOCK_D):
-        e = e0 + offs_d
-        g = tl.load(grad_ptr + b * D + hd + e, mask=e < DH, other=0).to(acc_ty)
-        o = tl.load(out_ptr + b * stride_ob + (hd + e) * stride_od, mask=e < DH, other=0)
-        delta += tl.sum(g * o.to(acc_ty), 0)
-    lse = tl.load(lse_ptr + b * H + h).to(acc_ty)
-
-    vend = tl.load(end_ptr + b)  # one past the last valid token
+def _token_range(start_ptr, end_ptr, b, NUM_TOKENS, split,
+                 PACKED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The rows ``[lo, hi)`` of sequence b's gradient that chunk ``split`` of SPLIT writes
+    (padded layout: all L rows, packed: the sequence's own), and ``vend``, one past the last
+    valid token. Chunks are whole tiles, so that no tile straddles two programs."""
+    vend = tl.load(end_ptr + b)
     if PACKED:
         lo = tl.load(start_ptr + b)
         hi = vend
-    else:  # every row of the padded gradient is ours to write
+    else:
         lo = tl.zeros([], tl.int64)
         hi = lo + NUM_TOKENS
     if SPLIT > 1:
         chunk = tl.cdiv(tl.cdiv(hi - lo, SPLIT), BLOCK_T) * BLOCK_T
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
+    return lo, hi, vend
 
+
+@triton.jit
+def _valid_tokens(t, hi, vend, b, mask_ptr, stride_mb, stride_ml, HAS_MASK: tl.constexpr):
+    """``(inside, valid)`` for token rows t: inside the range, and a valid token."""
+    inside = t < hi
+    valid = inside & (t < vend)
+    if HAS_MASK:
+        mv = tl.load(mask_ptr + b * stride_mb + t * stride_ml, mask=valid, other=0)
+        valid = valid & (mv != 0)
+    return inside, valid
+
+
+@triton.jit
+def _attention_pool_bwd_kernel(
+    grad_ptr, x_ptr, s_ptr, lse_ptr, gx_ptr, c_ptr,
+    start_ptr, end_ptr, mask_ptr, stride_mb, stride_ml,
+    stride_xb, stride_xt, stride_xd, stride_sb, stride_st, stride_sh,
+    stride_gxb, stride_gxt, stride_cb, stride_ct, D, DH, H, NUM_TOKENS,
+    HAS_MASK: tl.constexpr, PACKED: tl.constexpr, SPLIT: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``grad_x`` and the per-token dot products of one (sequence b, head h, token chunk).
+
+    Grid ``(B, H, SPLIT)``. With ``p_t = exp(s[t, h] - lse[b, h])`` at valid tokens (0
+    elsewhere): ``grad_x[t, h] = p_t * grad[b, h]`` for every row of the chunk (zeros at
+    padding), and ``c[t, h] = <grad[b, h], x[t, h]>`` (accumulation dtype) at valid tokens, for
+    ``_attention_pool_bwd_scores_kernel``. Reads x only at valid tokens, once.
+    """
+    acc_ty = tl.float64 if IS_FP64 else tl.float32
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    lo, hi, vend = _token_range(start_ptr, end_ptr, b, NUM_TOKENS, tl.program_id(2),
+                                PACKED, SPLIT, BLOCK_T)
+    hd = h.to(tl.int64) * DH  # first feature of the head
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + b * H + h).to(acc_ty)
     s_base = s_ptr + b * stride_sb + h.to(tl.int64) * stride_sh
-    gs_base = gs_ptr + b * stride_gsb + h.to(tl.int64) * stride_gsh
+    c_base = c_ptr + b * stride_cb + h
     for t0 in range(lo, hi, BLOCK_T):
-        t = t0 + offs_t
-        inside = t < hi
-        valid = inside & (t < vend)
-        if HAS_MASK:
-            mv = tl.load(mask_ptr + b * stride_mb + t * stride_ml, mask=valid, other=0)
-            valid = valid & (mv != 0)
+        t = t0 + tl.arange(0, BLOCK_T)
+        inside, valid = _valid_tokens(t, hi, vend, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         p = tl.where(valid, tl.exp(s - lse), 0.0).to(acc_ty)
         c = tl.zeros([BLOCK_T], acc_ty)
@@ -330,9 +353,45 @@ def _attention_pool_bwd_kernel(
             c += tl.sum(xt * g[None, :], 1)
             gx = p[:, None] * g[None, :]
             tl.store(gx_ptr + b * stride_gxb + t[:, None] * stride_gxt + (hd + e)[None, :],
-                     gx.to(gx_ptr.dtype.element_ty), mask=inside[:, None] & emask[None, :])
-        gs = tl.where(valid, p * (c - delta), 0.0)
-        tl.store(gs_base + t * stride_gst, gs.to(gs_ptr.dtype.element_ty), mask=inside)
+                     _cast_to(gx, gx_ptr), mask=inside[:, None] & emask[None, :])
+        tl.store(c_base + t * stride_ct, c, mask=valid)
+
+
+@triton.jit
+def _attention_pool_bwd_scores_kernel(
+    s_ptr, lse_ptr, c_ptr, gs_ptr, start_ptr, end_ptr, mask_ptr, stride_mb, stride_ml,
+    stride_sb, stride_st, stride_sh, stride_cb, stride_ct, stride_gsb, stride_gst, stride_gsh,
+    H, NUM_TOKENS,
+    HAS_MASK: tl.constexpr, PACKED: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """``grad_s[t, h] = p_t * (c[t, h] - delta)`` with ``delta = sum_u p_u c[u, h]``, for one
+    (sequence b, head h); every row of the sequence written (zeros at padding).
+
+    Grid ``(B, H)``. Two passes over the small ``[L]`` vectors s and c: delta is recomputed in
+    full precision rather than taken as ``<grad, out>`` from the output rounded to x's dtype.
+    """
+    acc_ty = tl.float64 if IS_FP64 else tl.float32
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    lo, hi, vend = _token_range(start_ptr, end_ptr, b, NUM_TOKENS, 0, PACKED, 1, BLOCK_T)
+    lse = tl.load(lse_ptr + b * H + h).to(acc_ty)
+    s_base = s_ptr + b * stride_sb + h.to(tl.int64) * stride_sh
+    c_base = c_ptr + b * stride_cb + h
+    delta = tl.sum(tl.zeros([BLOCK_T], acc_ty), 0)
+    for t0 in range(lo, hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        inside, valid = _valid_tokens(t, hi, vend, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
+        s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
+        c = tl.load(c_base + t * stride_ct, mask=valid, other=0)
+        delta += tl.sum(tl.where(valid, tl.exp(s - lse) * c, 0.0), 0)
+    for t0 in range(lo, hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        inside, valid = _valid_tokens(t, hi, vend, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
+        s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
+        c = tl.load(c_base + t * stride_ct, mask=valid, other=0)
+        gs = tl.where(valid, tl.exp(s - lse) * (c - delta), 0.0)
+        tl.store(gs_ptr + b * stride_gsb + t * stride_gst + h.to(tl.int64) * stride_gsh,
+                 _cast_to(gs, gs_ptr), mask=inside)
 
 
 def attention_pool_backward(
@@ -344,7 +403,13 @@ def attention_pool_backward(
     out: Tensor,
     lse: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """``(grad_x like x, grad_scores like scores)``, both contiguous and fully written."""
+    """``(grad_x like x, grad_scores like scores)``, both contiguous and fully written.
+
+    ``out`` is not used: ``sum_u p_u c_u`` is recomputed from per-token dot products kept in a
+    small ``[B, L, H]`` (``[T, H]``) buffer of the accumulation dtype, because ``<grad, out>``
+    with ``out`` rounded to half precision is too inexact for the score gradient.
+    """
+    del out
     packed = cu_seqlens is not None
     q = seqs(x, mask, cu_seqlens)
     nb, d, h = q.batch, x.shape[-1], scores.shape[-1]
@@ -353,19 +418,28 @@ def attention_pool_backward(
     gs = torch.empty(scores.shape, dtype=scores.dtype, device=x.device)
     if nb == 0 or num_tokens == 0:
         return gx, gs.zero_()
+    acc = acc_dtype(x.dtype)
+    c = torch.empty(scores.shape, dtype=acc, device=x.device)
     dh = d // h
     block_t, bd, warps = _tile(dh, x.element_size())
     # Tokens per sequence (on average, when packed) set how finely they can be split.
     split = _split(x.device, nb * h, num_tokens // nb if packed else num_tokens, block_t)
     gx_sb, gx_st = (0, gx.stride(0)) if packed else (gx.stride(0), gx.stride(1))
+    c_sb, c_st, _ = _score_strides(c, packed)
     _attention_pool_bwd_kernel[(nb, h, split)](
-        grad, x, scores, out, lse, gx, gs,
+        grad, x, scores, lse, gx, c,
         q.start, q.end, q.mask, q.stride_mb, q.stride_ml,
         q.stride_b, q.stride_t, q.stride_d, *_score_strides(scores, packed),
-        gx_sb, gx_st, *_score_strides(gs, packed), out.stride(0), out.stride(1),
-        d, dh, h, num_tokens,
+        gx_sb, gx_st, c_sb, c_st, d, dh, h, num_tokens,
         HAS_MASK=q.has_mask, PACKED=packed, SPLIT=split, IS_FP64=_is_fp64(x),
         BLOCK_T=block_t, BLOCK_D=bd, num_warps=warps,
+    )
+    _attention_pool_bwd_scores_kernel[(nb, h)](
+        scores, lse, c, gs, q.start, q.end, q.mask, q.stride_mb, q.stride_ml,
+        *_score_strides(scores, packed), c_sb, c_st, *_score_strides(gs, packed),
+        h, num_tokens,
+        HAS_MASK=q.has_mask, PACKED=packed, IS_FP64=_is_fp64(x),
+        BLOCK_T=16 if INTERPRET else 512, num_warps=1 if INTERPRET else 4,
     )
     return gx, gs
 
@@ -432,7 +506,7 @@ def _weighted_layer_pool_fwd_kernel(
     optr = out_ptr + r[:, None] * D + d[None, :]
     if ACCUMULATE:
         acc += tl.load(optr, mask=msk, other=0).to(acc_ty)
-    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=msk)
+    tl.store(optr, _cast_to(acc, out_ptr), mask=msk)
 
 
 def weighted_layer_pool(layers: list[Tensor], weights: Tensor) -> Tensor:
@@ -484,7 +558,7 @@ def _weighted_layer_pool_bwd_kernel(
         ptr = layers[i] + (b * stride_b[i] + t * stride_l[i])[:, None] + d[None, :] * stride_d[i]
         h = tl.load(ptr, mask=msk, other=0).to(acc_ty)
         tl.store(partial_ptr + pid * NTOT + first + i, tl.sum(tl.sum(g * h, 1), 0))
-        tl.store(grads[i] + out_off, (g * w).to(grads[i].dtype.element_ty), mask=msk)
+        tl.store(grads[i] + out_off, _cast_to(g * w, grads[i]), mask=msk)
 
 
 def weighted_layer_pool_backward(
@@ -552,7 +626,7 @@ def _weighted_layer_mean_fwd_kernel(
     total = tl.sum(acc, 0)
     if FINAL:
         n = tl.maximum(tl.load(count_ptr + b), 1).to(acc_ty)
-        tl.store(out_ptr + b * D + d, (total / n).to(out_ptr.dtype.element_ty), mask=dmask)
+        tl.store(out_ptr + b * D + d, _cast_to(total / n, out_ptr), mask=dmask)
     else:
         tl.store(part_ptr + (split * B + b) * D + d, total, mask=dmask)
 
@@ -637,7 +711,7 @@ def _weighted_layer_mean_bwd_kernel(
             acc += tl.load(ptr, mask=valid[:, None] & dmask[None, :], other=0).to(acc_ty)
             gv = tl.where(valid[:, None], gi[None, :], 0.0)
             tl.store(grads[i] + row0 + t[:, None] * D + d[None, :],
-                     gv.to(grads[i].dtype.element_ty), mask=inside[:, None] & dmask[None, :])
+                     _cast_to(gv, grads[i]), mask=inside[:, None] & dmask[None, :])
         tl.store(partial_ptr + pid * NTOT + first + i, tl.sum(tl.sum(acc, 0) * gm, 0))
 
 
