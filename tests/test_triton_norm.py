@@ -20,10 +20,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture(params=["single", "loop"])
 def path(request, monkeypatch):
-    """``loop``: rows longer than 16 elements take the chunked path, 16 elements a chunk."""
+    """``loop``: rows longer than 16 elements (8 in float64) take the chunked path, 16 elements
+    a chunk."""
     if request.param == "loop":
         monkeypatch.setattr(norm, "_MAX_SINGLE_N", 16)
-        monkeypatch.setattr(norm, "_MAX_SINGLE_N_FP64", 16)
+        monkeypatch.setattr(norm, "_MAX_SINGLE_N_BWD", 16)
         monkeypatch.setattr(norm, "_LOOP_BLOCK_N", 16)
     monkeypatch.setattr(norm, "_TILE_ELEMS", 64)  # several rows per tile for short rows
     return request.param

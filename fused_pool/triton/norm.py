@@ -50,9 +50,11 @@ from torch import Tensor
 
 from ._common import INTERPRET, acc_dtype, dummy, seqs
 
-# Longest row (elements) normalized from registers; longer rows are walked in chunks.
+# Longest row (elements) held in registers by the forward and by the backward (which also holds
+# the gradient and the weight/bias partial sums); half as long for float64. Longer rows are
+# walked in chunks. Chosen so that no kernel spills registers on sm_90 (ptxas resource usage).
 _MAX_SINGLE_N = 16384
-_MAX_SINGLE_N_FP64 = 8192
+_MAX_SINGLE_N_BWD = 8192
 # Chunk width of the looping path, and the tile size (elements) a program aims for.
 _LOOP_BLOCK_N = 4096
 _TILE_ELEMS = 4096
@@ -81,6 +83,22 @@ def _rstd(var, eps_hi, eps_lo, IS_FP64: tl.constexpr):
     else:
         out = tl.rsqrt(var + eps_hi)
     return out
+
+
+# The interpreter converts float32 to bfloat16 by truncation; GPUs round to nearest even.
+_ROUND_BF16 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _cast_out(v, ptr):
+    """``v`` in ``ptr``'s element type, rounded to nearest even as on a GPU (under the
+    interpreter, bfloat16 is rounded by hand first: its own conversion truncates)."""
+    if _ROUND_BF16:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            v = tl.where(v == v, bits.to(tl.float32, bitcast=True), v)  # NaN stays NaN
+    return v.to(ptr.dtype.element_ty)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +158,7 @@ def _row_norm_fwd_kernel(
         rstd = _rstd(tl.sum(x * x, 1) / N, eps_hi, eps_lo, IS_FP64)
         y = _row_affine(x * rstd[:, None], W, Bb, rows, cols, rmask, cmask, M1,
                         ROW_AFFINE, HAS_W, HAS_B, IS_FP64)
-        tl.store(Y + yrow[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=m2d)
+        tl.store(Y + yrow[:, None] + cols[None, :], _cast_out(y, Y), mask=m2d)
     else:
         # Chunk statistics merged into running (mean, M2): exact two-pass within a chunk, and
         # no cancellation of sum(x^2) - N mean^2 across chunks.
@@ -173,7 +191,7 @@ def _row_norm_fwd_kernel(
                 x = x - mean[:, None]
             y = _row_affine(x * rstd[:, None], W, Bb, rows, c, rmask, cmask, M1,
                             ROW_AFFINE, HAS_W, HAS_B, IS_FP64)
-            tl.store(Y + yrow[:, None] + c[None, :], y.to(Y.dtype.element_ty), mask=m2d)
+            tl.store(Y + yrow[:, None] + c[None, :], _cast_out(y, Y), mask=m2d)
     if CENTERED:
         tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
@@ -203,8 +221,6 @@ def _row_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         cmask = cols < N
-        if HAS_W and not ROW_AFFINE:
-            w = _acc(tl.load(W + cols, mask=cmask, other=0.0), IS_FP64)
         dw_acc = _acc(tl.zeros([BLOCK_N], tl.float32), IS_FP64)
         db_acc = _acc(tl.zeros([BLOCK_N], tl.float32), IS_FP64)
     part = pid.to(tl.int64) * N  # this program's row of the partial buffers
@@ -232,6 +248,8 @@ def _row_norm_bwd_kernel(
                 if ROW_AFFINE:
                     wdy = g * wr[:, None]
                 else:
+                    # Reloaded per tile (an L1 hit) rather than held: registers are the limit.
+                    w = _acc(tl.load(W + cols, mask=cmask, other=0.0), IS_FP64)
                     wdy = g * w[None, :]
             else:
                 wdy = g
@@ -240,7 +258,7 @@ def _row_norm_bwd_kernel(
             if CENTERED:
                 dx = dx - (tl.sum(wdy, 1) / N)[:, None]
             dx = dx * rstd[:, None]
-            tl.store(DX + dxrow[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=m2d)
+            tl.store(DX + dxrow[:, None] + cols[None, :], _cast_out(dx, DX), mask=m2d)
             if ROW_AFFINE:
                 if NEED_DW:
                     tl.store(DWP + rows, tl.sum(g * xhat, 1), mask=rmask)
@@ -302,7 +320,7 @@ def _row_norm_bwd_kernel(
                 if CENTERED:
                     dx = dx - c2[:, None]
                 dx = dx * rstd[:, None]
-                tl.store(DX + dxrow[:, None] + c[None, :], dx.to(DX.dtype.element_ty), mask=m2d)
+                tl.store(DX + dxrow[:, None] + c[None, :], _cast_out(dx, DX), mask=m2d)
                 if not ROW_AFFINE:
                     if NEED_DW:
                         p = tl.load(DWP + part + c, mask=cmask, other=0.0)
@@ -376,11 +394,12 @@ def _row_layouts(tensors: list[Tensor], lead: int, split: int | None = None,
     return out, [_layout_at(t, lead, k) for t in out]
 
 
-def _row_config(m: int, n: int, dtype: torch.dtype) -> dict:
+def _row_config(m: int, n: int, dtype: torch.dtype, backward: bool = False) -> dict:
     """Launch meta-parameters for ``[m, n]`` rows: one register-resident row per program up to
     ``_MAX_SINGLE_N`` (several rows for small ``n``), ``_LOOP_BLOCK_N`` chunks beyond; warps
     grow with the tile so each thread holds ~8-16 elements (two 16-byte vectors of bf16)."""
-    cap = _MAX_SINGLE_N_FP64 if dtype == torch.float64 else _MAX_SINGLE_N
+    cap = _MAX_SINGLE_N_BWD if backward else _MAX_SINGLE_N
+    cap = cap // 2 if dtype == torch.float64 else cap
     single = n <= cap
     block_n = max(16, triton.next_power_of_2(n)) if single else _LOOP_BLOCK_N
     block_m = max(1, min(_TILE_ELEMS // block_n, 64, triton.next_power_of_2(m)))
@@ -394,13 +413,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _backward_programs(tiles: int, num_warps: int, device: torch.device) -> int:
-    """Persistent backward grid: enough programs to fill the GPU (about 32 warps per SM), never
-    more than tiles. A fixed function of the shape and the GPU, so the summation order of the
-    parameter gradients is reproducible. Two programs under the interpreter (each costs ~25 ms)
-    still exercise the partial buffers."""
+    """Persistent backward grid: as many programs as fit on the GPU at once (16 warps per SM:
+    the backward kernels use ~100-128 registers a thread), never more than tiles. A fixed
+    function of the shape and the GPU, so the summation order of the parameter gradients is
+    reproducible. Two programs under the interpreter (each costs ~25 ms) still exercise the
+    partial buffers."""
     if INTERPRET or device.type != "cuda":
         return min(tiles, 2)
-    return max(1, min(tiles, _num_sms(device) * max(1, 32 // num_warps)))
+    return max(1, min(tiles, _num_sms(device) * max(1, 16 // num_warps)))
 
 
 def _row_norm_forward(x: Tensor, lead: int, weight: Tensor | None, bias: Tensor | None,
@@ -453,7 +473,7 @@ def _row_norm_backward(grad: Tensor, x: Tensor, lead: int, weight: Tensor | None
         return gx, (zeros if need_dw else None), (zeros if need_db else None)
     (xv, gv), ((M1, sx0, sx1, sxn), (_, sg0, sg1, sgn)) = _row_layouts(
         [x, grad], lead, None if m1 is None else 1)
-    cfg = _row_config(m, n, x.dtype)
+    cfg = _row_config(m, n, x.dtype, backward=True)
     tiles = triton.cdiv(m, cfg["BLOCK_M"])
     progs = _backward_programs(tiles, cfg["num_warps"], dev)
     if m1 is not None:  # per-row sums, summed over B below
@@ -605,7 +625,7 @@ def _masked_instance_norm_fwd_kernel(
         x = _acc(tl.load(xb + t[:, None] * stride_t + dx_off, mask=m2d, other=0.0), IS_FP64)
         # (x - mean) first: folding mean into the shift cancels badly when rstd is large.
         y = tl.where(m2d, (x - mean[None, :]) * scale[None, :] + shift[None, :], 0.0)
-        tl.store(yb + t[:, None] * sy_t + d[None, :], y.to(Y.dtype.element_ty),
+        tl.store(yb + t[:, None] * sy_t + d[None, :], _cast_out(y, Y),
                  mask=(t < hi)[:, None] & dmask[None, :])
 
 
@@ -674,7 +694,7 @@ def _masked_instance_norm_bwd_kernel(
         xhat = (x - mean[None, :]) * rstd[None, :]
         dx = rstd[None, :] * (w[None, :] * g - a[None, :] - xhat * c[None, :])
         dx = tl.where(m2d, dx, 0.0)
-        tl.store(dxb + t[:, None] * sdx_t + d[None, :], dx.to(DX.dtype.element_ty),
+        tl.store(dxb + t[:, None] * sdx_t + d[None, :], _cast_out(dx, DX),
                  mask=(t < hi)[:, None] & dmask[None, :])
 
 
@@ -699,13 +719,15 @@ def _zero_uncovered_rows_kernel(Y, start_ptr, end_ptr, nbatch, num_tokens, D,
                  mask=(t < num_tokens)[:, None] & dmask[None, :])
 
 
-def _masked_config(d: int) -> dict:
-    """Token tiles of ~4K elements on a GPU, 128 features wide (256-byte bf16 segments per
-    token); tiny tiles under the interpreter so that the tile merging is exercised."""
+def _masked_config(d: int, dtype: torch.dtype) -> dict:
+    """Token tiles of ~4K elements (2K for float64, whose backward would spill) on a GPU, 128
+    features wide (256-byte bf16 segments per token); tiny tiles under the interpreter so that
+    the tile merging is exercised."""
     if INTERPRET:
         return {"BLOCK_T": 4, "BLOCK_D": max(16, min(64, triton.next_power_of_2(d)))}
     block_d = max(16, min(128, triton.next_power_of_2(d)))
-    return {"BLOCK_T": max(8, 4096 // block_d), "BLOCK_D": block_d, "num_warps": 4}
+    elems = 2048 if dtype == torch.float64 else 4096
+    return {"BLOCK_T": max(8, elems // block_d), "BLOCK_D": block_d, "num_warps": 8}
 
 
 def _zero_uncovered(y: Tensor, sq, cu_seqlens: Tensor | None) -> None:
@@ -734,7 +756,7 @@ def masked_instance_norm(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | No
         return y.zero_(), mean, rstd
     packed = cu_seqlens is not None
     out_len = 0 if packed else x.shape[1]
-    cfg = _masked_config(d)
+    cfg = _masked_config(d, x.dtype)
     eps_hi, eps_lo = _eps_pair(eps)
     _masked_instance_norm_fwd_kernel[(sq.batch, triton.cdiv(d, cfg["BLOCK_D"]))](
         x, y, dummy(dev) if weight is None else _vec(weight),
@@ -762,7 +784,7 @@ def masked_instance_norm_backward(grad: Tensor, x: Tensor, mask: Tensor | None,
         return (gx.zero_(), _param_grad(zeros, weight, x), _param_grad(zeros, bias, x))
     packed = cu_seqlens is not None
     out_len = 0 if packed else x.shape[1]
-    cfg = _masked_config(d)
+    cfg = _masked_config(d, x.dtype)
     dwp = torch.empty(sq.batch, d, dtype=acc, device=dev)
     dbp = torch.empty(sq.batch, d, dtype=acc, device=dev)
     sg = grad.stride()
