@@ -104,6 +104,9 @@ def _pool_fwd_kernel(
     lowest position wins ties; empty -> value 0, index -1.
     ``PARTIAL``: write the raw sum / (possibly negated) value / index (-1: chunk empty) to
     ``[SPLIT, B, D]`` partial buffers for ``_pool_combine_kernel`` instead.
+
+    Positions are tracked as int32: a single sequence must be shorter than 2^31 tokens (the
+    tensors themselves may exceed 2^31 elements: addresses are int64).
     """
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(2).to(tl.int64)
@@ -115,9 +118,11 @@ def _pool_fwd_kernel(
     x_base = x_ptr + b * stride_b
     rows = tl.arange(0, BLOCK_T)
 
-    total = _to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
-    best = total - float("inf")  # running max (NaN once a NaN was seen)
-    best_idx = tl.full([BLOCK_D], -1, dtype=tl.int64)
+    # Row lane r of the tile sees tokens t0 + r in order and keeps its own running sum and
+    # extremum; the lanes are folded once at the end, so the loop has no cross-thread reduction.
+    lane_sum = _to_acc(tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32), IS_FP64)
+    lane_best = lane_sum - float("inf")  # NaN once the lane saw a NaN
+    lane_pos = tl.full([BLOCK_T, BLOCK_D], -1, dtype=tl.int32)  # position in the sequence
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + rows
         valid = _row_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
@@ -125,25 +130,19 @@ def _pool_fwd_kernel(
         v = tl.load(x_base + t[:, None] * stride_t + col[None, :], mask=m2, other=0.0)
         v = _to_acc(v, IS_FP64)
         if MEAN:
-            total += tl.sum(v, axis=0)
+            lane_sum += v
         if EXT:
             if not LARGEST:
                 v = -v
-            isnan = v != v
-            tile_max = tl.max(tl.where(m2 & ~isnan, v, float("-inf")), axis=0)
-            # First row of the tile holding a NaN, and first holding the (non-NaN) max.
-            nan_row = tl.min(tl.where(m2 & isnan, rows[:, None], BLOCK_T), axis=0)
-            hit = m2 & ~isnan & (v == tile_max[None, :])
-            max_row = tl.min(tl.where(hit, rows[:, None], BLOCK_T), axis=0)
-            tile_nan = nan_row < BLOCK_T
-            # Earlier tiles win ties; a NaN, once taken, is never replaced.
-            take = (best == best) & (
-                tile_nan | ((max_row < BLOCK_T) & ((tile_max > best) | (best_idx < 0)))
+            # Strictly greater: the lane's earlier token keeps ties; a NaN is never replaced.
+            take = m2 & (lane_best == lane_best) & (
+                (v != v) | (v > lane_best) | (lane_pos < 0)
             )
-            row = tl.where(tile_nan, nan_row, max_row).to(tl.int64)
-            best = tl.where(take, tl.where(tile_nan, float("nan"), tile_max), best)
-            best_idx = tl.where(take, t0 - seq_lo + row, best_idx)
+            lane_best = tl.where(take, v, lane_best)
+            lane_pos = tl.where(take, (t - seq_lo).to(tl.int32)[:, None], lane_pos)
 
+    total = tl.sum(lane_sum, axis=0)
+    best, best_idx = _fold_lanes(lane_best, lane_pos)
     if PARTIAL:
         out = (s * n_batch + b) * D + offs_d
         if MEAN:
@@ -155,6 +154,23 @@ def _pool_fwd_kernel(
         _store_pool(total, best, best_idx, tl.load(count_ptr + b), b, offs_d, dmask,
                     sum_ptr, val_ptr, idx_ptr, stride_sb, stride_vb, stride_ib,
                     MEAN, EXT, LARGEST, IS_FP64)
+
+
+@triton.jit
+def _fold_lanes(lane_best, lane_pos):
+    """The extremum over the lanes (each holding its own best and its position, -1 if none):
+    the first NaN if any, else the max with the lowest position. Returns int64 positions."""
+    seen = lane_pos >= 0
+    isnan = lane_best != lane_best
+    big = 0x7FFFFFFF
+    nan_pos = tl.min(tl.where(seen & isnan, lane_pos, big), axis=0)
+    num = seen & ~isnan
+    top = tl.max(tl.where(num, lane_best, float("-inf")), axis=0)
+    top_pos = tl.min(tl.where(num & (lane_best == top[None, :]), lane_pos, big), axis=0)
+    any_nan = nan_pos < big
+    best = tl.where(any_nan, float("nan"), top)
+    pos = tl.where(any_nan, nan_pos, top_pos)
+    return best, tl.where(pos < big, pos, -1).to(tl.int64)
 
 
 @triton.jit
@@ -221,7 +237,8 @@ def _pool_bwd_kernel(
     idx_ptr, stride_ib, stride_ik, stride_id,
     D, K,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MEAN: tl.constexpr, PICK: tl.constexpr,
-    SCATTER: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    PICK_ONE: tl.constexpr, SCATTER: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``grad_x`` of sequence ``b``'s rows in chunk ``s``, features ``j*BLOCK_D ...``; grid
     ``(B, cdiv(D, BLOCK_D), SPLIT)``. Rows are ``cu[b] .. cu[b+1]-1`` (``PACKED``) or
@@ -262,6 +279,9 @@ def _pool_bwd_kernel(
         gmean = _to_acc((g / _to_acc(tl.maximum(n, 1), IS_FP64)).to(out_ty), IS_FP64)
     gsel_base = gsel_ptr + b * stride_gsb + offs_d
     idx_base = idx_ptr + b * stride_ib + offs_d.to(tl.int64) * stride_id
+    if PICK_ONE:  # K == 1 (max/min, mean+max): the index and gradient stay in registers
+        idx1 = tl.load(idx_base, mask=dmask, other=-1)
+        g1 = _to_acc(tl.load(gsel_base, mask=dmask, other=0.0), IS_FP64)
 
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + rows
@@ -273,10 +293,13 @@ def _pool_bwd_kernel(
             tile = tl.where(valid[:, None], gmean[None, :], tile)
         if PICK:
             pos = (t - seq_lo)[:, None]
-            for k in range(0, K):
-                i = tl.load(idx_base + k * stride_ik, mask=dmask, other=-1)
-                g = _to_acc(tl.load(gsel_base + k * stride_gsk, mask=dmask, other=0.0), IS_FP64)
-                tile += tl.where(pos == i[None, :], g[None, :], 0.0)
+            if PICK_ONE:
+                tile += tl.where(pos == idx1[None, :], g1[None, :], 0.0)
+            else:
+                for k in range(0, K):
+                    i = tl.load(idx_base + k * stride_ik, mask=dmask, other=-1)
+                    g = tl.load(gsel_base + k * stride_gsk, mask=dmask, other=0.0)
+                    tile += tl.where(pos == i[None, :], _to_acc(g, IS_FP64)[None, :], 0.0)
         ptrs = gx_base + t[:, None] * stride_gxt + offs_d[None, :]
         tl.store(ptrs, tile.to(out_ty), mask=in_range[:, None] & dmask[None, :])
 
@@ -672,6 +695,7 @@ def _backward(grad_x: Tensor, cu_seqlens: Tensor | None, num_tokens: int,
         ix, *(indices.stride() if indices is not None else (0, 0, 0)),
         d, k,
         PACKED=packed, HAS_MASK=mask is not None, MEAN=gmean is not None, PICK=pick,
+        PICK_ONE=pick and k == 1,
         SCATTER=k > 0 and not pick, IS_FP64=grad_x.dtype == torch.float64,
         BLOCK_T=block_t, BLOCK_D=bd, num_warps=warps)
     return grad_x
