@@ -122,3 +122,27 @@ def test_parameter_gradients_are_deterministic(path):
     first = norm.layer_norm_backward(g, x, 1, w, b, mean, rstd)
     second = norm.layer_norm_backward(g, x, 1, w, b, mean, rstd)
     assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
+def test_instance_norm_unmergeable_spatial_dims_are_copied():
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, device=DEVICE)[..., ::2]  # spatial (4, 3)
+    g = torch.randn(2, 3, 4, 3, dtype=torch.float64, device=DEVICE)
+    y, mean, rstd = norm.instance_norm(x, None, None, 1e-5)
+    _check((y, mean, rstd), reference.instance_norm(x, None, None, 1e-5), torch.float64)
+    _check(norm.instance_norm_backward(g, x, None, None, mean, rstd),
+           reference.instance_norm_backward(g, x, None, None, mean, rstd), torch.float64)
+
+
+def test_packed_rows_outside_every_sequence_are_zero():
+    """cu_seqlens that does not cover [0, T) (unvalidated, e.g. while tracing): those rows of the
+    output and of the gradient are 0, never uninitialized memory."""
+    x = torch.randn(7, 5, dtype=torch.float64, device=DEVICE)
+    cu = torch.tensor([1, 3, 5], device=DEVICE)  # rows 0, 5 and 6 belong to no sequence
+    y, mean, rstd = norm.masked_instance_norm(x, None, cu, None, None, 1e-5)
+    gx, _, _ = norm.masked_instance_norm_backward(torch.ones_like(x), x, None, cu, None, None,
+                                                  mean, rstd)
+    for t in (y, gx):
+        assert (t[[0, 5, 6]] == 0).all()
+    inner = cu - 1  # the covered rows alone, as a valid packed input
+    _check((y[1:5], mean, rstd),
+           reference.masked_instance_norm(x[1:5], None, inner, None, None, 1e-5), torch.float64)
