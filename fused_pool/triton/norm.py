@@ -7,15 +7,20 @@ Two kernel families:
   one row per (b, c) over the ``S = prod(*)`` spatial elements. Element ``(r, j)`` of ``x`` is at
   ``(r // M1) * s0 + (r % M1) * s1 + j * sn``, so any view whose leading dims merge into at most
   two strided dims and whose normalized dims merge into one (a strided row slice, a ``[L, B, D]``
-  tensor transposed to ``[B, L, D]``, a channels-last ``[B, C, L]``...) is read in place. Only
-  other layouts (the normalized dims themselves not mergeable) are copied once with
-  ``.contiguous()``: they are rare and a copy keeps the kernels to one row layout.
+  tensor transposed to ``[B, L, D]``, a channels-last ``[B, C, L]``...) is read in place; in
+  the backward, ``grad`` and ``x`` share the split of the row index. Only other layouts
+  (normalized dims that do not merge, e.g. ``x[..., ::2]`` normalized over two dims; more than
+  two unmergeable leading dims) are copied once with ``.contiguous()``: a fallback for rare
+  layouts that keeps the kernels to one row addressing, not a measured speed choice.
 
   A program normalizes a ``[BLOCK_M, BLOCK_N]`` tile of rows. When a row fits in registers
-  (``N <= _MAX_SINGLE_N``, ``SINGLE``) it is read once and its statistics are exact two-pass
-  values in registers; longer rows are walked in ``BLOCK_N`` chunks, the statistics merged
-  chunk by chunk (Chan et al.'s parallel variance), then read a second time for the output.
-  Several rows per program for small ``N`` keep every program busy with ~4K elements.
+  (``N <= _MAX_SINGLE_N``: 16K elements forward, 8K backward, half that in float64; ``SINGLE``)
+  it is read once and its statistics are exact two-pass values in registers; longer rows are
+  walked in ``BLOCK_N`` chunks, the statistics merged chunk by chunk (Chan et al.'s parallel
+  variance), then read a second time (mostly from L2) for the output. Several rows per program
+  for small ``N`` keep every program busy with ~4K elements. Traffic per element at
+  ``N <= 8K``: forward reads x and writes y once; backward reads x and g once and writes dx
+  (``F.layer_norm``'s backward reads x and g a second time for the weight/bias gradients).
 
   Backward: ``dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat))`` with ``wdy = g * w``
   (the ``mean(wdy)`` term only when centered). The weight/bias gradients are deterministic: the
@@ -28,7 +33,13 @@ Two kernel families:
 * **Masked InstanceNorm** over the token layout of ``_common.seqs`` (padded + mask, or packed +
   ``cu_seqlens``): a program owns (sequence ``b``, a block of ``BLOCK_D`` features), merges the
   statistics of its valid tokens tile by tile (padding is never loaded), then writes every output
-  position of the sequence: normalized at valid tokens, 0 at padding.
+  position of the sequence: normalized at valid tokens, 0 at padding. A sequence's column block
+  does not fit on chip at long L, so x is read twice (statistics, output) and the backward reads
+  x and g twice.
+
+Launch parameters are heuristics (no autotuning): tile sizes and warps were chosen so that no
+kernel spills registers on sm_90 (ptxas resource usage of the compiled kernels: backward
+~100-128 registers a thread, forward ~40-100), not yet timed on a GPU.
 
 Numerics: statistics and arithmetic are float32 for half/bfloat16/float32 input and float64 for
 float64 input. ``eps`` enters a kernel as a float32 argument (Triton's type for a Python float),
