@@ -77,16 +77,17 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split(device: torch.device, programs: int, tokens: int, block_t: int) -> int:
+def _split(device: torch.device, programs: int, tokens: int, block_t: int,
+           min_tokens: int = 128) -> int:
     """How many token chunks per sequence: enough programs for ~4 waves of the GPU, each chunk
-    at least 256 tokens (else the partial results cost more than they save); 1 when
-    interpreting."""
+    at least ``min_tokens`` tokens (fewer would make merging the chunks' partial results cost
+    more than it saves); 1 when interpreting."""
     if FORCE_SPLIT is not None:
         return FORCE_SPLIT
     if INTERPRET or programs <= 0:
         return 1
     want = triton.cdiv(4 * _num_sms(device), programs)
-    most = max(1, tokens // max(256, block_t))
+    most = max(1, tokens // max(min_tokens, block_t))
     return max(1, min(want, most, 64))
 
 
@@ -423,7 +424,8 @@ def attention_pool_backward(
     dh = d // h
     block_t, bd, warps = _tile(dh, x.element_size())
     # Tokens per sequence (on average, when packed) set how finely they can be split.
-    split = _split(x.device, nb * h, num_tokens // nb if packed else num_tokens, block_t)
+    # Chunks of the backward merge nothing (no partial results), so they can be short.
+    split = _split(x.device, nb * h, num_tokens // nb if packed else num_tokens, block_t, 32)
     gx_sb, gx_st = (0, gx.stride(0)) if packed else (gx.stride(0), gx.stride(1))
     c_sb, c_st, _ = _score_strides(c, packed)
     _attention_pool_bwd_kernel[(nb, h, split)](
@@ -730,7 +732,7 @@ def weighted_layer_mean_backward(
     wn, total = _normalized(weights, h0.dtype)
     block_t, bd, warps = _tile(d, h0.element_size())
     nblk = triton.cdiv(d, bd)
-    split = _split(h0.device, nb * nblk, length, block_t)
+    split = _split(h0.device, nb * nblk, length, block_t, 32)  # partials are [P, N] scalars
     partial = torch.empty(nb * nblk * split, len(layers), dtype=wn.dtype, device=h0.device)
     for first, n in _chunks(len(layers)):
         chunk = layers[first:first + n]
