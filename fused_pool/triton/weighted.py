@@ -10,10 +10,12 @@ Attention pooling
     running max ``m``, running sum ``l`` and an accumulator rescaled by ``exp(m_old - m_new)``
     whenever the max grows, over tiles of ``BLOCK_T`` tokens. When (sequence, head, block)
     programs alone cannot fill the GPU, the tokens are split into ``SPLIT`` chunks whose partial
-    ``(m, l, acc)`` a tiny second kernel merges. Backward uses the saved ``out`` and ``lse``:
-    ``p_t = exp(s_t - lse)``, ``grad_x[t] = p_t * grad_h``,
-    ``grad_s[t] = p_t * (<grad_h, x_t,h> - <grad_h, out_h>)``; tokens are split freely since
-    nothing is reduced over them.
+    ``(m, l, acc)`` a tiny second kernel merges. Backward uses the saved ``lse``:
+    ``p_t = exp(s_t - lse)``, ``grad_x[t] = p_t * grad_h`` and ``c_t = <grad_h, x_t,h>`` in one
+    pass over x (tokens split freely: nothing is reduced over them), ``c`` kept in a small
+    ``[B, L, H]`` buffer of the accumulation dtype; a second tiny kernel then forms
+    ``grad_s[t] = p_t * (c_t - sum_u p_u c_u)``. The saved ``out`` is not used: in half
+    precision ``<grad_h, out_h>`` is too inexact a ``sum_u p_u c_u`` (the contract tests fail).
 
 Weighted layers: how N tensors reach one kernel
     Triton has no list-of-pointers argument. We pass the layers as a **tuple kernel argument**
@@ -274,9 +276,13 @@ def attention_pool(
         BLOCK_T=block_t, BLOCK_D=bd, num_warps=warps,
     )
     if split > 1:
-        _attention_pool_merge_kernel[(nb, h * nblk)](
-            pm, pl, pacc, q.count, out, lse, d, dh, h, nblk,
-            SPLIT=split, BLOCK_S=triton.next_power_of_2(split), BLOCK_D=bd, num_warps=warps,
+        # Its own feature blocks: a [BLOCK_S, BLOCK_D] tile of at most 8K partials.
+        block_s = triton.next_power_of_2(split)
+        bd_merge = max(16, min(bd, 8192 // block_s))
+        nblk_merge = max(1, triton.cdiv(dh, bd_merge))
+        _attention_pool_merge_kernel[(nb, h * nblk_merge)](
+            pm, pl, pacc, q.count, out, lse, d, dh, h, nblk_merge,
+            SPLIT=split, BLOCK_S=block_s, BLOCK_D=bd_merge, num_warps=warps,
         )
     return out, lse
 
