@@ -482,13 +482,14 @@ def _weights_grad(partial: Tensor, wn: Tensor, total: Tensor, weights: Tensor) -
 
 def _layer_tile(rows: int, d: int, itemsize: int, n: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_D, num_warps)`` for the layer kernels, whose N loads per tile are all in
-    flight at once: tiles of 4096 elements for up to 16 layers, smaller beyond, 8 warps (sm_90
-    ptxas: no register spills for N = 13 at 4096 elements, bfloat16). ``rows`` bounds the tile
-    under the interpreter, where few large programs are fastest."""
+    flight at once: tiles of 8 KiB per layer for up to 16 layers, smaller beyond, 8 warps (sm_90
+    ptxas, bfloat16: no register spills for N = 13 at 4096 elements, N = 25 at 2048). ``rows``
+    bounds the tile under the interpreter, where few large programs are fastest."""
     if INTERPRET:
         return min(64, triton.next_power_of_2(max(rows, 1))), block_d(d, 128), 1
-    elems = 4096 if n <= 16 else 2048 if n <= 32 else 1024
-    bd = block_d(d, min(elems, 1024 if itemsize <= 2 else 512))
+    # The same bytes per layer in flight whatever the dtype (registers hold the loaded data).
+    elems = (4096 if n <= 16 else 2048 if n <= 32 else 1024) * 2 // itemsize
+    bd = block_d(d, min(elems, 1024))
     return max(1, elems // bd), bd, 8
 
 
