@@ -5,6 +5,12 @@ reference (exactly where the result is a selection)."""
 
 from __future__ import annotations
 
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -139,3 +145,96 @@ def test_several_feature_blocks(R):
     g = torch.randn(2, 2060, device=DEV)
     assert torch.equal(R.masked_mean_max_backward(g, idx, mask, None, 3),
                        ref.masked_mean_max_backward(g, idx, mask, None, 3))
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_packed_gradient_rows_outside_every_sequence_are_zero(R, monkeypatch, split):
+    """cu_seqlens that does not cover [0, T) (its values are not checked while tracing): the
+    uncovered rows of every backward are 0, never uninitialized memory; the others match."""
+    monkeypatch.setattr(R, "FORCE_SPLIT", split)
+    x = torch.randn(7, 4, dtype=torch.float64, device=DEV)
+    cu = torch.tensor([1, 3, 5], device=DEV)  # rows 0, 5 and 6 belong to no sequence
+    inner = cu - 1
+    _, idx = ref.masked_mean_max(x[1:5], None, inner)
+    _, kidx = ref.masked_kmax(x[1:5], None, inner, 2)
+    g = torch.randn(2, 8, dtype=torch.float64, device=DEV)
+    gk = torch.randn(2, 2, 4, dtype=torch.float64, device=DEV)
+    for run, want in (
+        (lambda: R.masked_mean_backward(g[:, :4], None, cu, 7),
+         ref.masked_mean_backward(g[:, :4], None, inner, 4)),
+        (lambda: R.masked_mean_max_backward(g, idx, None, cu, 7),
+         ref.masked_mean_max_backward(g, idx, None, inner, 4)),
+        (lambda: R.index_pool_backward(gk, kidx, cu, 7),
+         ref.index_pool_backward(gk, kidx, inner, 4)),
+    ):
+        poison(DEV)
+        got = run()
+        assert (got[[0, 5, 6]] == 0).all()
+        assert torch.equal(got[1:5], want)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU compiler: it rejects code the interpreter runs (types, layouts), and needs no GPU.
+# ----------------------------------------------------------------------------------------------
+
+
+def _compile_for_sm90(fn, types, consts, num_warps, ints="i32"):
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: "constexpr" if n in consts else types.get(n, ints) for n in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs=consts)
+    triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def compile_all_for_sm90():
+    """The reduce.py kernels in their main configurations, bfloat16 and float64. Run in a
+    process without ``TRITON_INTERPRET`` (kernels must be JIT functions, not interpreted)."""
+    from triton.compiler import ASTSource
+
+    from fused_pool.triton import reduce
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        sys.exit(77)  # another Triton's compiler API: the test skips
+    for dt in ("bf16", "fp64"):
+        p, acc, fp64 = "*" + dt, "*fp64" if dt == "fp64" else "*fp32", dt == "fp64"
+        bd = 128 if fp64 else 512
+        seq = dict(x_ptr=p, start_ptr="*i64", end_ptr="*i64", count_ptr="*i64", mask_ptr="*u8")
+        for partial in (False, True):
+            out = acc if partial else p
+            flags = dict(HAS_MASK=True, MEAN=True, EXT=True, LARGEST=False, PARTIAL=partial,
+                         IS_FP64=fp64, RNE_BF16=False, BLOCK_T=8, BLOCK_D=bd)
+            _compile_for_sm90(reduce._pool_fwd_kernel,
+                              dict(seq, sum_ptr=out, val_ptr=out, idx_ptr="*i64"), flags, 4)
+        _compile_for_sm90(reduce._pool_combine_kernel, dict(
+            count_ptr="*i64", psum_ptr=acc, pval_ptr=acc, pidx_ptr="*i64", sum_ptr=p, val_ptr=p,
+            idx_ptr="*i64"), dict(MEAN=True, EXT=True, LARGEST=True, IS_FP64=fp64,
+                                  RNE_BF16=False, BLOCK_D=bd), 4)
+        bwd = dict(gx_ptr=p, cu_ptr="*i32", mask_ptr="*u8", count_ptr="*i64", gmean_ptr=p,
+                   gsel_ptr=p, idx_ptr="*i64")
+        for packed, mean, pick, one, scatter in ((False, True, True, True, False),
+                                                 (True, False, True, False, False),
+                                                 (True, False, False, False, True)):
+            flags = dict(PACKED=packed, HAS_MASK=not packed, MEAN=mean, PICK=pick, PICK_ONE=one,
+                         SCATTER=scatter, IS_FP64=fp64, RNE_BF16=False, BLOCK_T=8, BLOCK_D=bd)
+            _compile_for_sm90(reduce._pool_bwd_kernel, bwd, flags, 4)
+        kmax = dict(x_ptr=p, start_ptr="*i64", end_ptr="*i64", mask_ptr="*u8", val_ptr=p,
+                    idx_ptr="*i64")
+        _compile_for_sm90(reduce._kmax_fwd_kernel, kmax, dict(
+            HAS_MASK=True, IS_FP64=fp64, K_PAD=16, BLOCK_T=16, BLOCK_D=64), 2)
+        _compile_for_sm90(reduce._kmax_select_kernel, kmax, dict(
+            HAS_MASK=False, IS_FP64=fp64, N_BITS=64 if fp64 else 32, BLOCK_T=16, BLOCK_D=64), 2,
+            ints="i64")
+
+
+def test_kernels_compile_for_sm90():
+    """Triton's compiler and ptxas (shipped with Triton) build the kernels for an H100/H200
+    without a GPU: catches what the interpreter lets through. Takes a minute or two."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from tests.test_triton_reduce import compile_all_for_sm90; compile_all_for_sm90()"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode == 77:
+        pytest.skip("this Triton's compiler API differs (ASTSource without constexprs)")
+    assert r.returncode == 0, r.stderr[-4000:]

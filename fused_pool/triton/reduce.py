@@ -276,12 +276,19 @@ def _pool_bwd_kernel(
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     if PACKED:
-        seq_lo = tl.load(cu_ptr + b).to(tl.int64)
-        seq_hi = tl.load(cu_ptr + b + 1).to(tl.int64)
+        # Clamped to [0, T], and the first / last sequence also own the rows before / after all
+        # sequences: cu_seqlens that does not cover [0, T) (its values are not checked while
+        # tracing) still gives a fully written gradient, never a write out of bounds.
+        seq_lo = tl.minimum(tl.maximum(tl.load(cu_ptr + b).to(tl.int64), 0), num_tokens)
+        seq_hi = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1).to(tl.int64), seq_lo), num_tokens)
+        rows_lo = tl.where(b == 0, 0, seq_lo)
+        rows_hi = tl.where(b == tl.num_programs(0) - 1, num_tokens, seq_hi)
     else:
         seq_lo = b * 0
         seq_hi = seq_lo + num_tokens
-    lo, hi = _chunk(seq_lo, seq_hi, s, tl.num_programs(2))
+        rows_lo = seq_lo
+        rows_hi = seq_hi
+    lo, hi = _chunk(rows_lo, rows_hi, s, tl.num_programs(2))
     gx_base = gx_ptr + b * stride_gxb
     out_ty = gx_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_T)
@@ -308,9 +315,11 @@ def _pool_bwd_kernel(
         tile = _to_acc(tile, IS_FP64)
         if MEAN:
             valid = _row_valid(mask_ptr, b, t, stride_mb, stride_ml, in_range, HAS_MASK)
+            if PACKED:
+                valid = valid & (t >= seq_lo) & (t < seq_hi)
             tile = tl.where(valid[:, None], gmean[None, :], tile)
         if PICK:
-            pos = (t - seq_lo)[:, None]
+            pos = tl.where(t < seq_hi, t - seq_lo, -2)[:, None]  # -2 matches no index
             if PICK_ONE:
                 tile += tl.where(pos == idx1[None, :], g1[None, :], 0.0)
             else:
@@ -328,7 +337,7 @@ def _pool_bwd_kernel(
             i = tl.load(idx_base + k * stride_ik, mask=dmask, other=-1)
             g = tl.load(gsel_base + k * stride_gsk, mask=dmask, other=0.0)
             row = seq_lo + i
-            ok = dmask & (i >= 0) & (row >= lo) & (row < hi)
+            ok = dmask & (i >= 0) & (row >= lo) & (row < hi) & (row < seq_hi)
             tl.store(gx_base + row * stride_gxt + offs_d, g.to(out_ty), mask=ok)
 
 
