@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
 #include "../common.h"
@@ -80,6 +81,22 @@ struct SeqLayout {
   }
   // Packed: the first row of sequence b (the row index of token 0).
   __device__ int64_t first_row(int64_t b) const { return packed() ? cu(b) : 0; }
+  // Packed: the sequence that row r belongs to (binary search over cu_seqlens, O(log B)), or -1
+  // for a row no sequence covers. Among empty sequences sharing an offset, the row belongs to
+  // the last one starting there (the only one whose range [cu[b], cu[b + 1]) contains it).
+  __device__ int64_t seq_of_row(int64_t r) const {
+    int64_t lo = 0, hi = B + 1;  // first index with cu[index] > r lies in [lo, hi]
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (cu(mid) > r) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    const int64_t b = lo - 1;
+    return (b >= 0 && b < B) ? b : -1;
+  }
 };
 
 // The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens. cu_seqlens stays on
@@ -168,12 +185,18 @@ __device__ __forceinline__ bool keep_first(const ValIdx<A>& a, const ValIdx<A>& 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Warp and block reductions. Block helpers assume a 1-D block whose size is a multiple of 32
-// (at most 1024) and `smem` holding 32 elements; every thread gets the result. Reductions are
-// in a fixed tree order, so results are deterministic run to run.
+// Warp and block reductions. Block helpers take any block shape (1-D, 2-D or 3-D; threads are
+// numbered x fastest) whose thread count is a multiple of 32 (at most 1024), and `smem` holding
+// 32 elements; every thread of the block must call them and gets the result. Reductions are in
+// a fixed tree order, so results are deterministic run to run.
 // ---------------------------------------------------------------------------------------------
 
 constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ int linear_tid() {
+  return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+__device__ __forceinline__ int block_threads() { return blockDim.x * blockDim.y * blockDim.z; }
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -206,8 +229,8 @@ __device__ __forceinline__ ValIdx<A> warp_arg_extremum(ValIdx<A> c, bool largest
 
 template <typename A>
 __device__ __forceinline__ A block_sum(A v, A* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
+  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
+  const int nwarps = (block_threads() + 31) >> 5;
   v = warp_sum(v);
   __syncthreads();  // smem may still be read by a previous call
   if (lane == 0) smem[warp] = v;
@@ -218,8 +241,8 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
 
 template <typename A>
 __device__ __forceinline__ A block_max(A v, A* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
+  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
+  const int nwarps = (block_threads() + 31) >> 5;
   v = warp_max(v);
   __syncthreads();
   if (lane == 0) smem[warp] = v;
@@ -231,8 +254,8 @@ __device__ __forceinline__ A block_max(A v, A* smem) {
 template <typename A>
 __device__ __forceinline__ ValIdx<A> block_arg_extremum(ValIdx<A> c, ValIdx<A>* smem,
                                                         bool largest) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
+  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
+  const int nwarps = (block_threads() + 31) >> 5;
   c = warp_arg_extremum(c, largest);
   __syncthreads();
   if (lane == 0) smem[warp] = c;
