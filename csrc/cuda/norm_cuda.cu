@@ -149,6 +149,9 @@ constexpr int kMaxLead = 4;          // leading dims handled in the kernel (afte
 constexpr int kMaxRowThreads = 512;  // largest group (and block)
 constexpr int kFwdElems = 32;        // row elements a thread keeps in registers, forward
 constexpr int kBwdElems = 16;        // ... backward (of x and of the gradient each)
+// K = elements / kVec chunks per thread; 2-byte types have the most elements per chunk.
+static_assert(kBwdElems / (16 / 2) >= 2 && kFwdElems >= kBwdElems,
+              "row_launch assumes at least two 16-byte chunks per thread");
 
 // Offset of row r of a tensor whose leading dims (merged, row-major) have these sizes and
 // strides; 0 dims: a single row at offset 0.
@@ -223,8 +226,10 @@ bool rows_vectorizable(const Rows& r, int64_t N) {
   return true;
 }
 
-// Launch shape of the row kernels: G threads per row (enough for one 16-byte chunk each, up to
-// kMaxRowThreads), blocks of max(256, G) threads.
+// Launch shape of the row kernels: G threads per row, enough for two 16-byte chunks each (two
+// loads in flight per thread, half the threads to reduce over), at most kMaxRowThreads; blocks
+// of max(256, G) threads. Every kernel keeps at least 2 chunks per thread (K >= 2), so rows are
+// cached whenever G < kMaxRowThreads.
 struct RowLaunch {
   int G = 1, threads = 256, rows_per_block = 256;
 };
@@ -233,7 +238,7 @@ template <typename T>
 RowLaunch row_launch(int64_t N) {
   const int64_t chunks = ceil_div(N, kVec<T>);
   int G = 1;
-  while (G < chunks && G < kMaxRowThreads) G *= 2;
+  while (int64_t(2) * G < chunks && G < kMaxRowThreads) G *= 2;
   RowLaunch l;
   l.G = G;
   l.threads = G > 256 ? G : 256;
