@@ -944,7 +944,11 @@ __global__ void __launch_bounds__(kThreads)
     A a[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) a[k] = (first || k >= n) ? A(0) : ws[r * D + d + k];
-    for (int i = 0; i < t.n; ++i) {
+    // Unrolled with a uniform break: the table's arrays are only indexed by constants, so
+    // they stay in the kernel-parameter bank (no copy to local memory).
+#pragma unroll
+    for (int i = 0; i < kMaxLayers; ++i) {
+      if (i >= t.n) break;
       A v[V];
       load_row<VEC>(t.x[i] + b * t.sB[i] + j * t.sL[i], d, t.sD[i], n, v);
       const A w = wn[t.first + i];
@@ -1095,7 +1099,9 @@ __global__ void __launch_bounds__(kThreads)
     if (!s.valid(b, j)) continue;
     ++cnt;
     if (n == 0) continue;
-    for (int i = 0; i < t.n; ++i) {
+#pragma unroll
+    for (int i = 0; i < kMaxLayers; ++i) {
+      if (i >= t.n) break;
       A v[V];
       load_row<VEC>(t.x[i] + b * t.sB[i] + j * t.sL[i], d, t.sD[i], n, v);
       sum.add(v, wn[t.first + i]);
