@@ -46,12 +46,24 @@ def _extensions():
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
+                return
             except Exception as exc:  # noqa: BLE001 - any compiler failure
                 required = ("FUSED_POOL_REQUIRE_EXT", "FUSED_POOL_CUDA")
                 if any(os.environ.get(v) == "1" for v in required):
                     raise
-                print(f"WARNING: fused_pool._C was not built ({exc}); the 'cpp' backend will be "
-                      "unavailable", file=sys.stderr)
+                error = exc
+            if any(src.endswith(".cu") for src in ext.sources):
+                # Keep the CPU kernels when only the CUDA ones fail (e.g. an nvcc too old).
+                print(f"WARNING: the CUDA kernels of fused_pool._C were not built ({error}); "
+                      "building its CPU kernels only", file=sys.stderr)
+                ext.sources = [src for src in ext.sources if not src.endswith(".cu")]
+                try:
+                    super().build_extension(ext)
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+            print(f"WARNING: fused_pool._C was not built ({error}); the 'cpp' backend will be "
+                  "unavailable", file=sys.stderr)
 
     # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp the
     # kernels would run on one thread.
