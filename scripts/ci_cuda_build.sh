@@ -34,7 +34,7 @@ if ! "$PY" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/n
   echo "ci-cuda: installing ${FUSED_POOL_CUDA_TORCH:-torch==2.14.1} into $VENV"
   "${PIP[@]}" "${FUSED_POOL_CUDA_TORCH:-torch==2.14.1}"
 fi
-"${PIP[@]}" ninja setuptools wheel
+"${PIP[@]}" ninja setuptools wheel numpy  # numpy: torch warns at import without it
 "$PY" -c 'import torch; print(f"ci-cuda: torch {torch.__version__}, CUDA {torch.version.cuda}")'
 echo "ci-cuda: environment ready in $(elapsed "$t") s"
 
