@@ -66,9 +66,11 @@ echo "ci-cuda: building for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST with MAX_
   exit 1
 }
 echo "ci-cuda: build done in $(elapsed "$t") s"
-# Per translation unit compile times of the last build, from ninja's log (start/end in ms).
+# Per translation unit compile times from ninja's log (start/end in ms): the latest compile of
+# each object, so an object this build did not need to recompile shows an earlier build's time.
 ninja_log=$(find "$OUT/temp" -name .ninja_log | head -1)
 if [ -n "$ninja_log" ]; then
+  echo "ci-cuda: compile time per object (latest compile of each):"
   awk -F '\t' '!/^#/ { t[$4] = ($2 - $1) / 1000 } END { for (o in t) printf "  %7.1f s  %s\n", t[o], o }' \
     "$ninja_log" | sed "s|$OUT/temp/||" | sort -k3
 fi

@@ -789,7 +789,8 @@ std::tuple<Tensor, Tensor> attention_pool_backward_cuda(const Tensor& grad_in, c
   Tensor gx = at::empty(x.sizes(), x.options());
   // c, then the score gradient, in the accumulation type; cast to the scores' dtype at the end.
   // Zeroed: rows no sequence covers keep 0.
-  Tensor gs = at::zeros(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor gs =
+      at::zeros(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
   const SeqLayout gsl = make_layout(gs, mask, cu_seqlens, &cu_g);
   if (gx.numel() > 0) {
     FP_DISPATCH(x.scalar_type(), "fused_pool_cuda_attention_backward", [&] {
@@ -931,9 +932,9 @@ std::vector<Tensor> check_layers(at::TensorList layers_in, const Tensor& weights
 // layers, chunks accumulate in an acc-typed workspace (first: starts from 0; last: writes out).
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
-    layer_pool_kernel(LayerTable<T> t, const acc_t<T>* __restrict__ wn, int64_t L, int64_t D,
-                      int64_t rows, acc_t<T>* __restrict__ ws, bool first, bool last,
-                      T* __restrict__ out) {
+    layer_pool_kernel(const __grid_constant__ LayerTable<T> t, const acc_t<T>* __restrict__ wn,
+                      int64_t L, int64_t D, int64_t rows, acc_t<T>* __restrict__ ws, bool first,
+                      bool last, T* __restrict__ out) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
   const int64_t r = int64_t(blockIdx.x) * kTy + threadIdx.y;
@@ -944,11 +945,10 @@ __global__ void __launch_bounds__(kThreads)
     A a[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) a[k] = (first || k >= n) ? A(0) : ws[r * D + d + k];
-    // Unrolled with a uniform break: the table's arrays are only indexed by constants, so
-    // they stay in the kernel-parameter bank (no copy to local memory).
-#pragma unroll
-    for (int i = 0; i < kMaxLayers; ++i) {
-      if (i >= t.n) break;
+    // Not unrolled: unrolled, the compiler hoists all 16 layers' loads and spills (ptxas -v);
+    // __grid_constant__ lets the table be indexed in the parameter bank without a local copy.
+#pragma unroll 1
+    for (int i = 0; i < t.n; ++i) {
       A v[V];
       load_row<VEC>(t.x[i] + b * t.sB[i] + j * t.sL[i], d, t.sD[i], n, v);
       const A w = wn[t.first + i];
@@ -986,7 +986,8 @@ Tensor weighted_layer_pool_cuda(at::TensorList layers_in, const Tensor& weights)
       vec_switch(vec, [&](auto v) {
         layer_pool_kernel<scalar_t, decltype(v)::value>
             <<<grid_dim(row_blocks(rows)), dim3(kTx, kTy), 0, stream()>>>(
-                t, wn.const_data_ptr<A>(), L, D, rows, ws.defined() ? ws.mutable_data_ptr<A>() : nullptr,
+                t, wn.const_data_ptr<A>(), L, D, rows,
+                ws.defined() ? ws.mutable_data_ptr<A>() : nullptr,
                 first == 0, first + kMaxLayers >= N, out.mutable_data_ptr<scalar_t>());
         FP_CUDA_LAUNCH_CHECK();
       });
@@ -1084,7 +1085,8 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_pool_backward_cuda(
 // acc-typed [B, D] workspace.
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
-    layer_mean_kernel(LayerTable<T> t, SeqLayout s, const acc_t<T>* __restrict__ wn,
+    layer_mean_kernel(const __grid_constant__ LayerTable<T> t, SeqLayout s,
+                      const acc_t<T>* __restrict__ wn,
                       int64_t nchunk, acc_t<T>* __restrict__ ws, bool first, bool last,
                       T* __restrict__ out) {
   using A = acc_t<T>;
@@ -1099,9 +1101,8 @@ __global__ void __launch_bounds__(kThreads)
     if (!s.valid(b, j)) continue;
     ++cnt;
     if (n == 0) continue;
-#pragma unroll
-    for (int i = 0; i < kMaxLayers; ++i) {
-      if (i >= t.n) break;
+#pragma unroll 1
+    for (int i = 0; i < t.n; ++i) {  // not unrolled: see layer_pool_kernel
       A v[V];
       load_row<VEC>(t.x[i] + b * t.sB[i] + j * t.sL[i], d, t.sD[i], n, v);
       sum.add(v, wn[t.first + i]);
@@ -1155,7 +1156,8 @@ Tensor weighted_layer_mean_cuda(at::TensorList layers_in, const Tensor& weights,
       vec_switch(vec, [&](auto v) {
         layer_mean_kernel<scalar_t, decltype(v)::value>
             <<<grid_dim(blocks), dim3(kTx, kTy), 0, stream()>>>(
-                t, s, wn.const_data_ptr<A>(), nchunk, ws.defined() ? ws.mutable_data_ptr<A>() : nullptr,
+                t, s, wn.const_data_ptr<A>(), nchunk,
+                ws.defined() ? ws.mutable_data_ptr<A>() : nullptr,
                 first == 0, first + kMaxLayers >= N, out.mutable_data_ptr<scalar_t>());
         FP_CUDA_LAUNCH_CHECK();
       });
