@@ -1,0 +1,343 @@
+// Shared helpers of the fused_pool CUDA kernels (csrc/cuda/*.cu).
+//
+// What lives here (keep it backward compatible: several .cu files include it):
+//   * SeqLayout: the device-side token layout, the CUDA twin of common.h's Seqs (padded
+//     [B, L, D] + optional bool mask, or packed [T, D] + int32/int64 cu_seqlens read on the
+//     device, so no host synchronization), int64 offsets and strides;
+//   * acc_t (from common.h): float for half/bfloat16/float, double for double;
+//   * warp/block reductions: sum, and max/min with the lowest-index tie-break of the contract;
+//   * 16-byte vectorized row loads/stores with a scalar fallback (odd strides or alignment);
+//   * host helpers: device checks, the current stream, launch checks.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+
+#include "../common.h"
+
+namespace fused_pool {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Host helpers
+// ---------------------------------------------------------------------------------------------
+
+inline cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+
+// Every tensor an op touches must live on the CUDA device of `x` (the Python layer checks this
+// too; this is the last line of defence against an illegal memory access).
+inline void check_same_device(const Tensor& x, const OptTensor& t, const char* what) {
+  if (t.has_value()) {
+    TORCH_CHECK(t->device() == x.device(), "fused_pool: ", what, " must be on ", x.device(),
+                " like x, got ", t->device());
+  }
+}
+
+// After every launch: surfaces launch errors (bad grid, too much shared memory) at once.
+#define FP_CUDA_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+
+// Grid sizes: gridDim.x may reach 2^31 - 1, gridDim.y/z only 65535.
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+constexpr int64_t kMaxGridYZ = 65535;
+
+inline unsigned grid_dim(int64_t n, int64_t limit = kMaxGridX) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(n, limit)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token layout
+// ---------------------------------------------------------------------------------------------
+
+// Where sequence b's token j lives (the device twin of Seqs in common.h):
+//   padded [B, L, D] (+ optional bool mask [B, L]): x + b*sB + j*sL + d*sD, valid where mask;
+//   packed [T, D] + cu_seqlens [B + 1]:             x + (cu[b] + j)*sL + d*sD, all valid.
+// For packed input L is the number of rows T (an upper bound of every length: the longest
+// sequence is not known on the host without a synchronization); kernels loop to len(b).
+// Passed to kernels by value.
+struct SeqLayout {
+  int64_t B = 0, L = 0, D = 0;
+  int64_t sB = 0, sL = 0, sD = 1;
+  const bool* mask = nullptr;
+  int64_t mB = 0, mL = 0;
+  const int32_t* cu32 = nullptr;  // packed with int32 offsets
+  const int64_t* cu64 = nullptr;  // packed with int64 offsets
+
+  __host__ __device__ bool packed() const { return cu32 != nullptr || cu64 != nullptr; }
+  __device__ int64_t cu(int64_t b) const {
+    return cu64 != nullptr ? cu64[b] : static_cast<int64_t>(cu32[b]);
+  }
+  // Offset (in elements) of token 0 of sequence b.
+  __device__ int64_t start(int64_t b) const { return packed() ? cu(b) * sL : b * sB; }
+  // Number of token slots of sequence b (padded: L, some maybe invalid).
+  __device__ int64_t len(int64_t b) const { return packed() ? cu(b + 1) - cu(b) : L; }
+  __device__ bool valid(int64_t b, int64_t j) const {
+    return mask == nullptr || mask[b * mB + j * mL];
+  }
+  // Packed: the first row of sequence b (the row index of token 0).
+  __device__ int64_t first_row(int64_t b) const { return packed() ? cu(b) : 0; }
+  // Packed: the sequence that row r belongs to (binary search over cu_seqlens, O(log B)), or -1
+  // for a row no sequence covers. Among empty sequences sharing an offset, the row belongs to
+  // the last one starting there (the only one whose range [cu[b], cu[b + 1]) contains it).
+  __device__ int64_t seq_of_row(int64_t r) const {
+    int64_t lo = 0, hi = B + 1;  // first index with cu[index] > r lies in [lo, hi]
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (cu(mid) > r) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    const int64_t b = lo - 1;
+    return (b >= 0 && b < B) ? b : -1;
+  }
+};
+
+// The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens. cu_seqlens stays on
+// the device (int32 or int64; made contiguous, a [B + 1] copy at most).
+// `cu_keepalive` receives the contiguous cu_seqlens so its memory outlives the launch.
+inline SeqLayout make_layout(const Tensor& t, const OptTensor& mask, const OptTensor& cu_seqlens,
+                             Tensor* cu_keepalive) {
+  SeqLayout s;
+  check_same_device(t, mask, "mask");
+  check_same_device(t, cu_seqlens, "cu_seqlens");
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(t.dim() == 2, "fused_pool: packed input must be [T, D], got ", t.sizes());
+    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1,
+                "fused_pool: cu_seqlens must be a non-empty 1-D tensor");
+    const auto dt = cu_seqlens->scalar_type();
+    TORCH_CHECK(dt == at::kInt || dt == at::kLong, "fused_pool: cu_seqlens must be int32 or int64");
+    *cu_keepalive = cu_seqlens->contiguous();
+    if (dt == at::kLong) {
+      s.cu64 = cu_keepalive->const_data_ptr<int64_t>();
+    } else {
+      s.cu32 = cu_keepalive->const_data_ptr<int32_t>();
+    }
+    s.B = cu_seqlens->numel() - 1;
+    s.L = t.size(0);
+    s.D = t.size(1);
+    s.sL = t.stride(0);
+    s.sD = t.stride(1);
+  } else {
+    TORCH_CHECK(t.dim() == 3, "fused_pool: padded input must be [B, L, D], got ", t.sizes());
+    s.B = t.size(0);
+    s.L = t.size(1);
+    s.D = t.size(2);
+    s.sB = t.stride(0);
+    s.sL = t.stride(1);
+    s.sD = t.stride(2);
+    if (mask.has_value()) {
+      TORCH_CHECK(mask->scalar_type() == at::kBool, "fused_pool: mask must be bool");
+      TORCH_CHECK(mask->dim() == 2, "fused_pool: mask must be [B, L], got ", mask->sizes());
+      s.mask = mask->const_data_ptr<bool>();
+      s.mB = mask->stride(0);
+      s.mL = mask->stride(1);
+    }
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numerics
+// ---------------------------------------------------------------------------------------------
+
+template <typename A>
+__device__ __forceinline__ A pos_inf() {
+  return std::numeric_limits<A>::infinity();
+}
+
+__device__ __forceinline__ float exp_acc(float v) { return ::expf(v); }
+__device__ __forceinline__ double exp_acc(double v) { return ::exp(v); }
+__device__ __forceinline__ float log_acc(float v) { return ::logf(v); }
+__device__ __forceinline__ double log_acc(double v) { return ::log(v); }
+
+// max/min ordering of the contract (as common.h's beats): NaN beats every number; equal values
+// do not beat each other (the caller decides ties by index).
+template <typename A>
+__device__ __forceinline__ bool beats_dev(A a, A b, bool largest) {
+  const bool na = a != a, nb = b != b;
+  if (na || nb) return na && !nb;
+  return largest ? a > b : a < b;
+}
+
+// A candidate of an arg-max/min reduction: value and token index, -1 for "no token".
+template <typename A>
+struct ValIdx {
+  A v;
+  int64_t i;
+};
+
+// Whether candidate a should be kept over b: any token beats "no token"; otherwise the better
+// value (beats_dev), and among equal values (or two NaNs) the lower index.
+template <typename A>
+__device__ __forceinline__ bool keep_first(const ValIdx<A>& a, const ValIdx<A>& b, bool largest) {
+  if (b.i < 0) return true;
+  if (a.i < 0) return false;
+  if (beats_dev(a.v, b.v, largest)) return true;
+  if (beats_dev(b.v, a.v, largest)) return false;
+  return a.i < b.i;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp and block reductions. Block helpers take any block shape (1-D, 2-D or 3-D; threads are
+// numbered x fastest) whose thread count is a multiple of 32 (at most 1024), and `smem` holding
+// 32 elements; every thread of the block must call them and gets the result. Reductions are in
+// a fixed tree order, so results are deterministic run to run.
+// ---------------------------------------------------------------------------------------------
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ int linear_tid() {
+  return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+__device__ __forceinline__ int block_threads() { return blockDim.x * blockDim.y * blockDim.z; }
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const A u = __shfl_xor_sync(kFullMask, v, o);
+    v = (u > v || u != u) ? u : v;  // NaN propagates
+  }
+  return v;
+}
+
+template <typename A>
+__device__ __forceinline__ ValIdx<A> warp_arg_extremum(ValIdx<A> c, bool largest) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    ValIdx<A> u;
+    u.v = __shfl_xor_sync(kFullMask, c.v, o);
+    u.i = __shfl_xor_sync(kFullMask, c.i, o);
+    if (!keep_first(c, u, largest)) c = u;
+  }
+  return c;
+}
+
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* smem) {
+  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
+  const int nwarps = (block_threads() + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? smem[lane] : A(0);
+  return warp_sum(v);
+}
+
+template <typename A>
+__device__ __forceinline__ A block_max(A v, A* smem) {
+  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
+  const int nwarps = (block_threads() + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? smem[lane] : -pos_inf<A>();
+  return warp_max(v);
+}
+
+template <typename A>
+__device__ __forceinline__ ValIdx<A> block_arg_extremum(ValIdx<A> c, ValIdx<A>* smem,
+                                                        bool largest) {
+  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
+  const int nwarps = (block_threads() + 31) >> 5;
+  c = warp_arg_extremum(c, largest);
+  __syncthreads();
+  if (lane == 0) smem[warp] = c;
+  __syncthreads();
+  if (lane < nwarps) {
+    c = smem[lane];
+  } else {
+    c.v = A(0);
+    c.i = -1;
+  }
+  return warp_arg_extremum(c, largest);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vectorized row access. A thread handles kVec<T> consecutive features (16 bytes); with
+// `vec = true` they are one 16-byte load/store, else kVec<T> scalar accesses with the feature
+// stride and a bound (the row tail, odd strides, unaligned views).
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+template <typename T>
+struct alignas(16) Pack {
+  T v[kVec<T>];
+};
+
+// Whether every row start `base + k * stride` (k >= 0, for each stride given) is 16-byte
+// aligned and features are unit-stride, i.e. whether `vec = true` is safe. D need not be a
+// multiple of kVec: the tail is handled by the caller with `n < kVec`.
+template <typename T>
+inline bool can_vectorize(const void* base, int64_t sD, std::initializer_list<int64_t> strides) {
+  if (sD != 1 || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  for (int64_t s : strides) {
+    if (s % kVec<T> != 0) return false;
+  }
+  return true;
+}
+
+// Loads features [d, d + n) (n <= kVec<T>) of the row at `row` (element d = 0) into acc.
+// Elements past n are set to 0. With VEC, n == kVec<T> takes one 16-byte load.
+template <bool VEC, typename T, typename A>
+__device__ __forceinline__ void load_row(const T* row, int64_t d, int64_t sD, int n,
+                                         A (&out)[kVec<T>]) {
+  if (VEC && n == kVec<T>) {
+    const Pack<T> p = *reinterpret_cast<const Pack<T>*>(row + d);
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) out[k] = static_cast<A>(p.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      out[k] = k < n ? static_cast<A>(row[(d + k) * sD]) : A(0);
+    }
+  }
+}
+
+// Stores features [d, d + n) of a row (contiguous output rows: unit feature stride).
+template <bool VEC, typename T, typename A>
+__device__ __forceinline__ void store_row(T* row, int64_t d, int n, const A (&in)[kVec<T>]) {
+  if (VEC && n == kVec<T>) {
+    Pack<T> p;
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) p.v[k] = static_cast<T>(in[k]);
+    *reinterpret_cast<Pack<T>*>(row + d) = p;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      if (k < n) row[d + k] = static_cast<T>(in[k]);
+    }
+  }
+}
+
+// Calls f(std::true_type) when `vec`, f(std::false_type) otherwise: one kernel instantiation per
+// access mode.
+template <typename F>
+inline void vec_switch(bool vec, F&& f) {
+  if (vec) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+}  // namespace cuda
+}  // namespace fused_pool
