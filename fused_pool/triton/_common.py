@@ -22,10 +22,28 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 #: True when kernels run on CPU tensors through Triton's interpreter (tests, CI).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+#: The interpreter converts float32 to bfloat16 by truncation; GPUs round to nearest even.
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast_to(v, ty: tl.constexpr):
+    """``v`` converted to dtype ``ty`` (pass ``ptr.dtype.element_ty``), rounding to nearest even
+    as a GPU does: under the interpreter bfloat16 is rounded by hand first, so CPU tests see GPU
+    numerics (a truncating conversion fails the bf16 tolerance). NaN stays NaN."""
+    if _ROUND_BF16_BY_HAND:
+        if ty == tl.bfloat16:
+            f = v.to(tl.float32)
+            bits = f.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = tl.where(f != f, f, bits.to(tl.float32, bitcast=True))
+    return v.to(ty)
 
 
 @dataclass
@@ -65,7 +83,9 @@ def seqs(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> Seqs:
     """
     dev = x.device
     if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+        # Clamped: values are validated on the host except while tracing (torch.compile, CUDA
+        # graphs), and a bad offset must not become an out-of-bounds read.
+        cu = cu_seqlens.to(device=dev, dtype=torch.int64).clamp(0, x.shape[0])
         start, end = cu[:-1].contiguous(), cu[1:].contiguous()
         return Seqs(cu.shape[0] - 1, start, end, end - start, dummy(dev, torch.uint8), False,
                     0, 0, 0, x.stride(0), x.stride(1))

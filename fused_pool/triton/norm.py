@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, acc_dtype, dummy, seqs
+from ._common import INTERPRET, acc_dtype, cast_to, dummy, seqs
 
 # Longest row (elements) held in registers by the forward and by the backward (which also holds
 # the gradient and the weight/bias partial sums); half as long for float64. Longer rows are
@@ -94,22 +94,6 @@ def _rstd(var, eps_hi, eps_lo, IS_FP64: tl.constexpr):
     else:
         out = tl.rsqrt(var + eps_hi)
     return out
-
-
-# The interpreter converts float32 to bfloat16 by truncation; GPUs round to nearest even.
-_ROUND_BF16 = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _cast_out(v, ptr):
-    """``v`` in ``ptr``'s element type, rounded to nearest even as on a GPU (under the
-    interpreter, bfloat16 is rounded by hand first: its own conversion truncates)."""
-    if _ROUND_BF16:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            v = tl.where(v == v, bits.to(tl.float32, bitcast=True), v)  # NaN stays NaN
-    return v.to(ptr.dtype.element_ty)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +153,7 @@ def _row_norm_fwd_kernel(
         rstd = _rstd(tl.sum(x * x, 1) / N, eps_hi, eps_lo, IS_FP64)
         y = _row_affine(x * rstd[:, None], W, Bb, rows, cols, rmask, cmask, M1,
                         ROW_AFFINE, HAS_W, HAS_B, IS_FP64)
-        tl.store(Y + yrow[:, None] + cols[None, :], _cast_out(y, Y), mask=m2d)
+        tl.store(Y + yrow[:, None] + cols[None, :], cast_to(y, Y.dtype.element_ty), mask=m2d)
     else:
         # Chunk statistics merged into running (mean, M2): exact two-pass within a chunk, and
         # no cancellation of sum(x^2) - N mean^2 across chunks.
@@ -202,7 +186,7 @@ def _row_norm_fwd_kernel(
                 x = x - mean[:, None]
             y = _row_affine(x * rstd[:, None], W, Bb, rows, c, rmask, cmask, M1,
                             ROW_AFFINE, HAS_W, HAS_B, IS_FP64)
-            tl.store(Y + yrow[:, None] + c[None, :], _cast_out(y, Y), mask=m2d)
+            tl.store(Y + yrow[:, None] + c[None, :], cast_to(y, Y.dtype.element_ty), mask=m2d)
     if CENTERED:
         tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
@@ -269,7 +253,8 @@ def _row_norm_bwd_kernel(
             if CENTERED:
                 dx = dx - (tl.sum(wdy, 1) / N)[:, None]
             dx = dx * rstd[:, None]
-            tl.store(DX + dxrow[:, None] + cols[None, :], _cast_out(dx, DX), mask=m2d)
+            tl.store(DX + dxrow[:, None] + cols[None, :],
+                     cast_to(dx, DX.dtype.element_ty), mask=m2d)
             if ROW_AFFINE:
                 if NEED_DW:
                     tl.store(DWP + rows, tl.sum(g * xhat, 1), mask=rmask)
@@ -331,7 +316,8 @@ def _row_norm_bwd_kernel(
                 if CENTERED:
                     dx = dx - c2[:, None]
                 dx = dx * rstd[:, None]
-                tl.store(DX + dxrow[:, None] + c[None, :], _cast_out(dx, DX), mask=m2d)
+                tl.store(DX + dxrow[:, None] + c[None, :],
+                         cast_to(dx, DX.dtype.element_ty), mask=m2d)
                 if not ROW_AFFINE:
                     if NEED_DW:
                         p = tl.load(DWP + part + c, mask=cmask, other=0.0)
@@ -636,7 +622,7 @@ def _masked_instance_norm_fwd_kernel(
         x = _acc(tl.load(xb + t[:, None] * stride_t + dx_off, mask=m2d, other=0.0), IS_FP64)
         # (x - mean) first: folding mean into the shift cancels badly when rstd is large.
         y = tl.where(m2d, (x - mean[None, :]) * scale[None, :] + shift[None, :], 0.0)
-        tl.store(yb + t[:, None] * sy_t + d[None, :], _cast_out(y, Y),
+        tl.store(yb + t[:, None] * sy_t + d[None, :], cast_to(y, Y.dtype.element_ty),
                  mask=(t < hi)[:, None] & dmask[None, :])
 
 
@@ -705,7 +691,7 @@ def _masked_instance_norm_bwd_kernel(
         xhat = (x - mean[None, :]) * rstd[None, :]
         dx = rstd[None, :] * (w[None, :] * g - a[None, :] - xhat * c[None, :])
         dx = tl.where(m2d, dx, 0.0)
-        tl.store(dxb + t[:, None] * sdx_t + d[None, :], _cast_out(dx, DX),
+        tl.store(dxb + t[:, None] * sdx_t + d[None, :], cast_to(dx, DX.dtype.element_ty),
                  mask=(t < hi)[:, None] & dmask[None, :])
 
 

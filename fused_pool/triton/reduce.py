@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, acc_dtype, block_d, dummy, seqs
+from ._common import INTERPRET, acc_dtype, block_d, cast_to, dummy, seqs
 
 # k up to this uses the streaming register top-k; larger k uses threshold selection.
 SMALL_K = 16
@@ -56,18 +56,6 @@ def _to_acc(v, IS_FP64: tl.constexpr):
         return v.to(tl.float64)
     else:
         return v.to(tl.float32)
-
-
-@triton.jit
-def _to_out(v, out_ty: tl.constexpr, RNE_BF16: tl.constexpr):
-    """``v`` (float32/float64) converted to the output dtype. The interpreter converts float32
-    to bfloat16 by truncation; ``RNE_BF16`` (set only there) first rounds the bit pattern to
-    nearest-even, as the GPU conversion does, so CPU tests see GPU numerics."""
-    if RNE_BF16:
-        bits = v.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-    return v.to(out_ty)
 
 
 @triton.jit
@@ -108,7 +96,7 @@ def _pool_fwd_kernel(
     sum_ptr, val_ptr, idx_ptr, stride_sb, stride_vb, stride_ib,
     n_batch, D,
     HAS_MASK: tl.constexpr, MEAN: tl.constexpr, EXT: tl.constexpr, LARGEST: tl.constexpr,
-    PARTIAL: tl.constexpr, IS_FP64: tl.constexpr, RNE_BF16: tl.constexpr,
+    PARTIAL: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Masked mean and/or extremum of features ``j*BLOCK_D ...`` of sequence ``b`` over chunk
@@ -169,7 +157,7 @@ def _pool_fwd_kernel(
     else:
         _store_pool(total, best, best_idx, tl.load(count_ptr + b), b, offs_d, dmask,
                     sum_ptr, val_ptr, idx_ptr, stride_sb, stride_vb, stride_ib,
-                    MEAN, EXT, LARGEST, IS_FP64, RNE_BF16)
+                    MEAN, EXT, LARGEST, IS_FP64)
 
 
 @triton.jit
@@ -193,12 +181,12 @@ def _fold_lanes(lane_best, lane_pos):
 def _store_pool(total, best, best_idx, count, b, offs_d, dmask,
                 sum_ptr, val_ptr, idx_ptr, stride_sb, stride_vb, stride_ib,
                 MEAN: tl.constexpr, EXT: tl.constexpr, LARGEST: tl.constexpr,
-                IS_FP64: tl.constexpr, RNE_BF16: tl.constexpr):
+                IS_FP64: tl.constexpr):
     """Final outputs: ``total / max(count, 1)``; the extremum (0 and -1 when empty)."""
     if MEAN:
         n = _to_acc(tl.maximum(count, 1), IS_FP64)
         mean = total / n
-        mean = _to_out(mean, sum_ptr.dtype.element_ty, RNE_BF16)
+        mean = cast_to(mean, sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + b * stride_sb + offs_d, mean, mask=dmask)
     if EXT:
         if not LARGEST:
@@ -214,7 +202,7 @@ def _pool_combine_kernel(
     sum_ptr, val_ptr, idx_ptr, stride_sb, stride_vb, stride_ib,
     n_batch, D, n_split,
     MEAN: tl.constexpr, EXT: tl.constexpr, LARGEST: tl.constexpr, IS_FP64: tl.constexpr,
-    RNE_BF16: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Folds the ``[SPLIT, B, D]`` partials of ``_pool_fwd_kernel`` into the outputs; grid
     ``(B, cdiv(D, BLOCK_D))``. Sums add; extrema combine in chunk (= token) order with the same
@@ -237,7 +225,7 @@ def _pool_combine_kernel(
             best_idx = tl.where(take, i, best_idx)
     _store_pool(total, best, best_idx, tl.load(count_ptr + b), b, offs_d, dmask,
                 sum_ptr, val_ptr, idx_ptr, stride_sb, stride_vb, stride_ib,
-                MEAN, EXT, LARGEST, IS_FP64, RNE_BF16)
+                MEAN, EXT, LARGEST, IS_FP64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +243,7 @@ def _pool_bwd_kernel(
     D, K,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MEAN: tl.constexpr, PICK: tl.constexpr,
     PICK_ONE: tl.constexpr, SCATTER: tl.constexpr, IS_FP64: tl.constexpr,
-    RNE_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``grad_x`` of sequence ``b``'s rows in chunk ``s``, features ``j*BLOCK_D ...``; grid
     ``(B, cdiv(D, BLOCK_D), SPLIT)``. Rows are ``cu[b] .. cu[b+1]-1`` (``PACKED``) or
@@ -301,7 +289,7 @@ def _pool_bwd_kernel(
             n = seq_hi - seq_lo
         g = _to_acc(tl.load(gmean_ptr + b * stride_gmb + offs_d, mask=dmask, other=0.0), IS_FP64)
         gmean = g / _to_acc(tl.maximum(n, 1), IS_FP64)
-        gmean = _to_acc(_to_out(gmean, out_ty, RNE_BF16), IS_FP64)
+        gmean = _to_acc(cast_to(gmean, out_ty), IS_FP64)
     gsel_base = gsel_ptr + b * stride_gsb + offs_d
     idx_base = idx_ptr + b * stride_ib + offs_d.to(tl.int64) * stride_id
     if PICK_ONE:  # K == 1 (max/min, mean+max): the index and gradient stay in registers
@@ -328,7 +316,7 @@ def _pool_bwd_kernel(
                     g = tl.load(gsel_base + k * stride_gsk, mask=dmask, other=0.0)
                     tile += tl.where(pos == i[None, :], _to_acc(g, IS_FP64)[None, :], 0.0)
         ptrs = gx_base + t[:, None] * stride_gxt + offs_d[None, :]
-        tile = _to_out(tile, out_ty, RNE_BF16)
+        tile = cast_to(tile, out_ty)
         tl.store(ptrs, tile, mask=in_range[:, None] & dmask[None, :])
 
     if SCATTER:
@@ -580,11 +568,6 @@ def _kmax_config(x: Tensor, d: int) -> tuple[int, int, int]:
     return 16, 64, 2
 
 
-def _rne_bf16(dtype: torch.dtype) -> bool:
-    """Round bfloat16 outputs by hand (see ``_to_out``): only the interpreter needs it."""
-    return INTERPRET and dtype == torch.bfloat16
-
-
 def _mask_u8(mask: Tensor | None, device) -> tuple[Tensor, int, int]:
     if mask is None:
         return dummy(device, torch.uint8), 0, 0
@@ -610,8 +593,7 @@ def _pool(x: Tensor, mask, cu_seqlens, mean: Tensor | None, val: Tensor | None,
     block_t, bd, split, warps = _stream_config(x, b, d, _tokens_per_seq(x, cu_seqlens, b))
     acc = acc_dtype(x.dtype)
     is_fp64 = x.dtype == torch.float64
-    flags = dict(MEAN=mean is not None, EXT=val is not None, LARGEST=largest, IS_FP64=is_fp64,
-                 RNE_BF16=_rne_bf16(x.dtype))
+    flags = dict(MEAN=mean is not None, EXT=val is not None, LARGEST=largest, IS_FP64=is_fp64)
     outs = (mean if mean is not None else dummy(x.device, x.dtype),
             val if val is not None else dummy(x.device, x.dtype),
             idx if idx is not None else dummy(x.device, torch.int64))
@@ -731,7 +713,6 @@ def _backward(grad_x: Tensor, cu_seqlens: Tensor | None, num_tokens: int,
         PACKED=packed, HAS_MASK=mask is not None, MEAN=gmean is not None, PICK=pick,
         PICK_ONE=pick and k == 1,
         SCATTER=k > 0 and not pick, IS_FP64=grad_x.dtype == torch.float64,
-        RNE_BF16=_rne_bf16(grad_x.dtype),
         BLOCK_T=block_t, BLOCK_D=bd, num_warps=warps)
     return grad_x
 

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, acc_dtype, block_d, dummy, seqs
+from ._common import INTERPRET, acc_dtype, block_d, cast_to, dummy, seqs
 
 #: Layers per launch (see the module docstring).
 MAX_LAYERS = 64
@@ -106,24 +106,6 @@ def _tile(d: int, itemsize: int) -> tuple[int, int, int]:
 
 def _is_fp64(t: Tensor) -> bool:
     return t.dtype == torch.float64
-
-
-#: Triton's interpreter converts float32 to bfloat16 by truncation; GPUs round to nearest even.
-_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _cast_to(v, ptr):
-    """``v`` converted to ``ptr``'s element type, rounding to nearest even (by hand for
-    bfloat16 under the interpreter, so that CPU tests see the GPU's rounding)."""
-    ty = ptr.dtype.element_ty
-    if _ROUND_BF16_BY_HAND:
-        if ty == tl.bfloat16:
-            f = v.to(tl.float32)
-            bits = f.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = tl.where(f != f, f, bits.to(tl.float32, bitcast=True))
-    return v.to(ty)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +177,7 @@ def _attention_pool_fwd_kernel(
     if SPLIT == 1:
         nonempty = tl.load(count_ptr + b) > 0
         out = tl.where(nonempty, acc / denom, 0.0)
-        tl.store(out_ptr + b * D + d, _cast_to(out, out_ptr), mask=dmask)
+        tl.store(out_ptr + b * D + d, cast_to(out, out_ptr.dtype.element_ty), mask=dmask)
         lse = tl.where(nonempty, m + tl.log(denom), float("-inf"))
         tl.store(lse_ptr + b * H + h, lse.to(lse_ptr.dtype.element_ty), mask=blk == 0)
     else:
@@ -235,7 +217,7 @@ def _attention_pool_merge_kernel(
     acc = tl.sum(c[:, None] * accs, 0)
     nonempty = tl.load(count_ptr + b) > 0
     out = tl.where(nonempty, acc / total, 0.0)
-    tl.store(out_ptr + b * D + d, _cast_to(out, out_ptr), mask=dmask)
+    tl.store(out_ptr + b * D + d, cast_to(out, out_ptr.dtype.element_ty), mask=dmask)
     lse = tl.where(nonempty, mx + tl.log(total), float("-inf"))
     tl.store(lse_ptr + b * H + h, lse.to(lse_ptr.dtype.element_ty), mask=blk == 0)
 
@@ -362,7 +344,7 @@ def _attention_pool_bwd_kernel(
             c += tl.sum(xt * g[None, :], 1)
             gx = p[:, None] * g[None, :]
             tl.store(gx_ptr + b * stride_gxb + t[:, None] * stride_gxt + (hd + e)[None, :],
-                     _cast_to(gx, gx_ptr), mask=inside[:, None] & emask[None, :])
+                     cast_to(gx, gx_ptr.dtype.element_ty), mask=inside[:, None] & emask[None, :])
         tl.store(c_base + t * stride_ct, c, mask=valid)
 
 
@@ -400,7 +382,7 @@ def _attention_pool_bwd_scores_kernel(
         c = tl.load(c_base + t * stride_ct, mask=valid, other=0)
         gs = tl.where(valid, tl.exp(s - lse) * (c - delta), 0.0)
         tl.store(gs_ptr + b * stride_gsb + t * stride_gst + h.to(tl.int64) * stride_gsh,
-                 _cast_to(gs, gs_ptr), mask=inside)
+                 cast_to(gs, gs_ptr.dtype.element_ty), mask=inside)
 
 
 def attention_pool_backward(
@@ -521,7 +503,7 @@ def _weighted_layer_pool_fwd_kernel(
     optr = out_ptr + r[:, None] * D + d[None, :]
     if ACCUMULATE:
         acc += tl.load(optr, mask=msk, other=0).to(acc_ty)
-    tl.store(optr, _cast_to(acc, out_ptr), mask=msk)
+    tl.store(optr, cast_to(acc, out_ptr.dtype.element_ty), mask=msk)
 
 
 def weighted_layer_pool(layers: list[Tensor], weights: Tensor) -> Tensor:
@@ -573,7 +555,7 @@ def _weighted_layer_pool_bwd_kernel(
         ptr = layers[i] + (b * stride_b[i] + t * stride_l[i])[:, None] + d[None, :] * stride_d[i]
         h = tl.load(ptr, mask=msk, other=0).to(acc_ty)
         tl.store(partial_ptr + pid * NTOT + first + i, tl.sum(tl.sum(g * h, 1), 0))
-        tl.store(grads[i] + out_off, _cast_to(g * w, grads[i]), mask=msk)
+        tl.store(grads[i] + out_off, cast_to(g * w, grads[i].dtype.element_ty), mask=msk)
 
 
 def weighted_layer_pool_backward(
@@ -641,7 +623,7 @@ def _weighted_layer_mean_fwd_kernel(
     total = tl.sum(acc, 0)
     if FINAL:
         n = tl.maximum(tl.load(count_ptr + b), 1).to(acc_ty)
-        tl.store(out_ptr + b * D + d, _cast_to(total / n, out_ptr), mask=dmask)
+        tl.store(out_ptr + b * D + d, cast_to(total / n, out_ptr.dtype.element_ty), mask=dmask)
     else:
         tl.store(part_ptr + (split * B + b) * D + d, total, mask=dmask)
 
@@ -726,7 +708,7 @@ def _weighted_layer_mean_bwd_kernel(
             acc += tl.load(ptr, mask=valid[:, None] & dmask[None, :], other=0).to(acc_ty)
             gv = tl.where(valid[:, None], gi[None, :], 0.0)
             tl.store(grads[i] + row0 + t[:, None] * D + d[None, :],
-                     _cast_to(gv, grads[i]), mask=inside[:, None] & dmask[None, :])
+                     cast_to(gv, grads[i].dtype.element_ty), mask=inside[:, None] & dmask[None, :])
         tl.store(partial_ptr + pid * NTOT + first + i, tl.sum(tl.sum(acc, 0) * gm, 0))
 
 
