@@ -322,6 +322,25 @@ def test_multihead_attention_heads_weight_their_features(tgt):
         torch.testing.assert_close(out[:, sl], single)
 
 
+def test_attention_minus_inf_scores_get_zero_weight(tgt):
+    """A -inf score is a zero softmax weight, as in torch.softmax, wherever it sits (the first
+    valid token included: an online softmax must not compute exp(-inf - -inf))."""
+    x = rand(3, 5, 4, device=tgt.device)
+    s = rand(3, 5, device=tgt.device)
+    s[:, 0] = float("-inf")
+    s[1, 1:4] = float("-inf")
+    s[2, :] = float("-inf")
+    s[2, 3] = 0.5  # one finite score: all the weight
+    mask = torch.ones(3, 5, dtype=torch.bool, device=tgt.device)
+    xl, sl = leaf(x), leaf(s)
+    out = fp.attention_pool(xl, sl, mask)
+    want = (torch.softmax(s.double(), 1)[..., None] * x.double()).sum(1)
+    torch.testing.assert_close(out.double(), want)
+    gx, gs = torch.autograd.grad(out.sum(), [xl, sl])
+    assert torch.isfinite(gx).all() and torch.isfinite(gs).all()
+    assert (gs[s == float("-inf")] == 0).all()
+
+
 def test_mask_dtypes_are_equivalent(tgt):
     x = rand(3, 5, 4, device=tgt.device)
     mask = make_mask(3, 5, tgt.device)

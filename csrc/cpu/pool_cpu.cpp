@@ -452,7 +452,9 @@ std::tuple<Tensor, Tensor> attention_pool_cpu(const Tensor& x, const Tensor& sco
               for (int64_t i = 0; i < w; ++i) accum[i] *= scale;
               m = v;
             }
-            const acc p = std::exp(v - m);  // NaN scores propagate, as in torch.softmax
+            // A -inf score weighs 0 even while m is still -inf (exp(-inf - -inf) is NaN);
+            // NaN scores propagate, as in torch.softmax.
+            const acc p = v == -std::numeric_limits<acc>::infinity() ? acc(0) : std::exp(v - m);
             l += p;
             const scalar_t* row = xp + off + d0 * st;
             for (int64_t i = 0; i < w; ++i) accum[i] += p * static_cast<acc>(row[i * st]);
