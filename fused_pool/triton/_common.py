@@ -120,29 +120,3 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def block_d(d: int, cap: int = 1024) -> int:
     """A power-of-two feature block: ``d`` rounded up, at most ``cap`` (at least 16)."""
     return max(16, min(cap, triton.next_power_of_2(max(d, 1))))
-
-
-class _Fixed:
-    """Stands in for ``triton.autotune`` under the interpreter: launches with one fixed config."""
-
-    def __init__(self, kernel, config: dict):
-        self.kernel = kernel
-        self.config = config
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-        return lambda *args, **kw: launch(*args, **kw, **self.config)
-
-
-def autotune(configs: list[triton.Config], key: list[str], interpret_config: dict):
-    """``triton.autotune(configs, key)`` on a GPU; under the interpreter (which cannot benchmark)
-    every launch uses ``interpret_config`` (the meta-parameters as a dict, e.g.
-    ``{"BLOCK_D": 16, "num_warps": 1}`` — ``num_warps``/``num_stages`` are dropped)."""
-    meta = {k: v for k, v in interpret_config.items() if k not in ("num_warps", "num_stages")}
-
-    def decorate(kernel):
-        if INTERPRET:
-            return _Fixed(kernel, meta)
-        return triton.autotune(configs=configs, key=key)(kernel)
-
-    return decorate
