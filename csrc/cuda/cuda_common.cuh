@@ -69,13 +69,22 @@ struct SeqLayout {
   const int64_t* cu64 = nullptr;  // packed with int64 offsets
 
   __host__ __device__ bool packed() const { return cu32 != nullptr || cu64 != nullptr; }
+  // cu_seqlens[b] clamped to [0, T]: its values are not checked under torch.compile or CUDA
+  // graph capture (that needs a host sync), and a bad offset must never read or write out of
+  // bounds (as the CPU kernels' check and the Triton kernels' clamp).
   __device__ int64_t cu(int64_t b) const {
-    return cu64 != nullptr ? cu64[b] : static_cast<int64_t>(cu32[b]);
+    const int64_t v = cu64 != nullptr ? cu64[b] : static_cast<int64_t>(cu32[b]);
+    return v < 0 ? 0 : (v > L ? L : v);
   }
   // Offset (in elements) of token 0 of sequence b.
   __device__ int64_t start(int64_t b) const { return packed() ? cu(b) * sL : b * sB; }
-  // Number of token slots of sequence b (padded: L, some maybe invalid).
-  __device__ int64_t len(int64_t b) const { return packed() ? cu(b + 1) - cu(b) : L; }
+  // Number of token slots of sequence b (padded: L, some maybe invalid); 0 where a bad
+  // (decreasing) cu_seqlens would make it negative.
+  __device__ int64_t len(int64_t b) const {
+    if (!packed()) return L;
+    const int64_t n = cu(b + 1) - cu(b);
+    return n > 0 ? n : 0;
+  }
   __device__ bool valid(int64_t b, int64_t j) const {
     return mask == nullptr || mask[b * mB + j * mL];
   }
@@ -95,7 +104,9 @@ struct SeqLayout {
       }
     }
     const int64_t b = lo - 1;
-    return (b >= 0 && b < B) ? b : -1;
+    // The range check only matters for a bad (decreasing) cu_seqlens, where the search may land
+    // on a sequence that does not contain r.
+    return (b >= 0 && b < B && cu(b) <= r && r < cu(b + 1)) ? b : -1;
   }
 };
 
