@@ -307,7 +307,9 @@ def _pool_bwd_kernel(
                 valid = valid & (t >= seq_lo) & (t < seq_hi)
             tile = tl.where(valid[:, None], gmean[None, :], tile)
         if PICK:
-            pos = tl.where(t < seq_hi, t - seq_lo, -2)[:, None]  # -2 matches no index
+            # -2 matches no index. Rows before seq_lo (only sequence 0 owns any: cu[0] > 0, not
+            # checked while tracing) would otherwise give -1, the index of an empty feature.
+            pos = tl.where((t >= seq_lo) & (t < seq_hi), t - seq_lo, -2)[:, None]
             if PICK_ONE:
                 tile += tl.where(pos == idx1[None, :], g1[None, :], 0.0)
             else:
