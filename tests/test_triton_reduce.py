@@ -219,25 +219,26 @@ def compile_all_for_sm90():
         for partial in (False, True):
             out = acc if partial else p
             flags = dict(HAS_MASK=True, MEAN=True, EXT=True, LARGEST=False, PARTIAL=partial,
-                         IS_FP64=fp64, RNE_BF16=False, BLOCK_T=8, BLOCK_D=bd)
+                         IS_FP64=fp64, BLOCK_T=8, BLOCK_D=bd)
             _compile_for_sm90(reduce._pool_fwd_kernel,
                               dict(seq, sum_ptr=out, val_ptr=out, idx_ptr="*i64"), flags, 4)
         _compile_for_sm90(reduce._pool_combine_kernel, dict(
             count_ptr="*i64", psum_ptr=acc, pval_ptr=acc, pidx_ptr="*i64", sum_ptr=p, val_ptr=p,
             idx_ptr="*i64"), dict(MEAN=True, EXT=True, LARGEST=True, IS_FP64=fp64,
-                                  RNE_BF16=False, BLOCK_D=bd), 4)
+                                  BLOCK_D=bd), 4)
         bwd = dict(gx_ptr=p, cu_ptr="*i32", mask_ptr="*u8", count_ptr="*i64", gmean_ptr=p,
                    gsel_ptr=p, idx_ptr="*i64")
         for packed, mean, pick, one, scatter in ((False, True, True, True, False),
                                                  (True, False, True, False, False),
                                                  (True, False, False, False, True)):
             flags = dict(PACKED=packed, HAS_MASK=not packed, MEAN=mean, PICK=pick, PICK_ONE=one,
-                         SCATTER=scatter, IS_FP64=fp64, RNE_BF16=False, BLOCK_T=8, BLOCK_D=bd)
+                         SCATTER=scatter, IS_FP64=fp64, BLOCK_T=8, BLOCK_D=bd)
             _compile_for_sm90(reduce._pool_bwd_kernel, bwd, flags, 4)
         kmax = dict(x_ptr=p, start_ptr="*i64", end_ptr="*i64", mask_ptr="*u8", val_ptr=p,
                     idx_ptr="*i64")
-        _compile_for_sm90(reduce._kmax_fwd_kernel, kmax, dict(
-            HAS_MASK=True, IS_FP64=fp64, K_PAD=16, BLOCK_T=16, BLOCK_D=64), 2)
+        for k_pad in (1, 16):  # k = 1 gives a [1, BLOCK_D] candidate block
+            _compile_for_sm90(reduce._kmax_fwd_kernel, kmax, dict(
+                HAS_MASK=True, IS_FP64=fp64, K_PAD=k_pad, BLOCK_T=16, BLOCK_D=64), 2)
         _compile_for_sm90(reduce._kmax_select_kernel, kmax, dict(
             HAS_MASK=False, IS_FP64=fp64, N_BITS=64 if fp64 else 32, BLOCK_T=16, BLOCK_D=64), 2,
             ints="i64")
