@@ -159,6 +159,22 @@ def test_weights_in_another_dtype_and_zero_sizes():
     assert torch.equal(gw, torch.zeros(2, dtype=torch.float64, device=DEVICE))
 
 
+def test_attention_packed_gradient_rows_outside_every_sequence_are_zero(split):
+    """cu_seqlens that does not cover [0, T) (its values are not checked while tracing): the
+    uncovered rows of both gradients are 0, never uninitialized memory; the others match."""
+    x = torch.randn(7, 4, dtype=torch.float64, device=DEVICE)
+    s = torch.randn(7, 2, dtype=torch.float64, device=DEVICE)
+    cu = torch.tensor([1, 3, 5], device=DEVICE)  # rows 0, 5 and 6 belong to no sequence
+    out = weighted.attention_pool(x, s, None, cu)
+    g = torch.randn(2, 4, dtype=torch.float64, device=DEVICE)
+    torch.full((1 << 20,), float("nan"), device=DEVICE)  # poison freed memory
+    gx, gs = weighted.attention_pool_backward(g, x, s, None, cu, *out)
+    want = reference.attention_pool_backward(g, x[1:5], s[1:5], None, cu - 1, *out)
+    for got, ref in zip((gx, gs), want):
+        assert (got[[0, 5, 6]] == 0).all()
+        torch.testing.assert_close(got[1:5], ref)
+
+
 # ----------------------------------------------------------------------------------------------
 # The GPU compiler: it rejects code the interpreter runs (types, layouts), and needs no GPU.
 # ----------------------------------------------------------------------------------------------
