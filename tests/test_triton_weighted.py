@@ -238,11 +238,13 @@ def compile_all_for_sm90():
                               dict(flags, SPLIT=4, BLOCK_T=4, BLOCK_D=1024), 4)
             _compile_for_sm90(w._attention_pool_bwd_scores_kernel, types,
                               dict(flags, BLOCK_T=512), 4)
-        blocks = dict(N=3, IS_FP64=f64, BLOCK_R=4, BLOCK_D=512)
+        # float64 (and > 32 layers) tiles are one row deep on a GPU (_layer_tile)
+        blocks = dict(N=3, IS_FP64=f64, BLOCK_R=1 if f64 else 4, BLOCK_D=512)
         _compile_for_sm90(w._weighted_layer_pool_fwd_kernel, types,
                           dict(blocks, ACCUMULATE=True), 8, tuples=3)
         _compile_for_sm90(w._weighted_layer_pool_bwd_kernel, types, blocks, 8, tuples=3)
-        mean = dict(N=3, HAS_MASK=True, SPLIT=4, IS_FP64=f64, BLOCK_T=4, BLOCK_D=512)
+        mean = dict(N=3, HAS_MASK=True, SPLIT=4, IS_FP64=f64, BLOCK_T=1 if f64 else 4,
+                    BLOCK_D=512)
         _compile_for_sm90(w._weighted_layer_mean_fwd_kernel, types, dict(mean, FINAL=False), 8,
                           tuples=3)
         _compile_for_sm90(w._weighted_layer_mean_bwd_kernel, types, mean, 8, tuples=3)
