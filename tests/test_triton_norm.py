@@ -195,6 +195,17 @@ def compile_all_for_sm90():
                 _compile_for_sm90(norm._row_norm_bwd_kernel, dict(
                     G=p, X=p, W="*fp32", MEAN=acc, RSTD=acc, DX=p, DWP=acc, DBP=acc, **ints),
                     dict(flags, NEED_DW=True, NEED_DB=centered), nw)
+        # The longest register-resident rows the launcher picks on a GPU (_row_config): one row
+        # per program, 16 warps.
+        big = dict(CENTERED=True, ROW_AFFINE=False, HAS_W=True, IS_FP64=dt == "fp64",
+                   BLOCK_M=1, SINGLE=True)
+        scale = 2 if dt == "fp64" else 1
+        _compile_for_sm90(norm._row_norm_fwd_kernel, dict(
+            X=p, Y=p, W="*fp32", Bb="*fp32", MEAN=acc, RSTD=acc, eps_hi="fp32", eps_lo="fp32",
+            **ints), dict(big, HAS_B=True, BLOCK_N=norm._MAX_SINGLE_N // scale), 16)
+        _compile_for_sm90(norm._row_norm_bwd_kernel, dict(
+            G=p, X=p, W="*fp32", MEAN=acc, RSTD=acc, DX=p, DWP=acc, DBP=acc, **ints),
+            dict(big, NEED_DW=True, NEED_DB=True, BLOCK_N=norm._MAX_SINGLE_N_BWD // scale), 16)
         common = dict(start_ptr="*i64", end_ptr="*i64", mask_ptr="*u8", stride_mb="i64",
                       stride_ml="i64", stride_b="i64", stride_t="i64", D="i32", out_len="i32")
         for packed in (False, True):

@@ -173,6 +173,21 @@ def test_packed_gradient_rows_outside_every_sequence_are_zero(R, monkeypatch, sp
         assert torch.equal(got[1:5], want)
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_packed_rows_before_an_empty_first_sequence_get_no_gradient(R, monkeypatch, split):
+    """cu_seqlens[0] > 0 (not checked while tracing) and sequence 0 empty: its index -1 must
+    not select the row just before cu[0] (the pick backward once matched it)."""
+    monkeypatch.setattr(R, "FORCE_SPLIT", split)
+    x = torch.randn(7, 4, dtype=torch.float64, device=DEV)
+    cu = torch.tensor([1, 1, 5], device=DEV)  # rows 0, 5, 6 uncovered; sequence 0 empty
+    _, idx = ref.masked_mean_max(x[1:5], None, cu - 1)
+    g = torch.randn(2, 8, dtype=torch.float64, device=DEV)
+    gk = torch.randn(2, 1, 4, dtype=torch.float64, device=DEV)
+    for got in (R.masked_mean_max_backward(g, idx, None, cu, 7),
+                R.index_pool_backward(gk, idx[:, None], cu, 7)):
+        assert (got[[0, 5, 6]] == 0).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # The GPU compiler: it rejects code the interpreter runs (types, layouts), and needs no GPU.
 # ----------------------------------------------------------------------------------------------
@@ -221,8 +236,9 @@ def compile_all_for_sm90():
             _compile_for_sm90(reduce._pool_bwd_kernel, bwd, flags, 4)
         kmax = dict(x_ptr=p, start_ptr="*i64", end_ptr="*i64", mask_ptr="*u8", val_ptr=p,
                     idx_ptr="*i64")
-        _compile_for_sm90(reduce._kmax_fwd_kernel, kmax, dict(
-            HAS_MASK=True, IS_FP64=fp64, K_PAD=16, BLOCK_T=16, BLOCK_D=64), 2)
+        for k_pad in (1, 16):  # k = 1 gives a [1, BLOCK_D] candidate block
+            _compile_for_sm90(reduce._kmax_fwd_kernel, kmax, dict(
+                HAS_MASK=True, IS_FP64=fp64, K_PAD=k_pad, BLOCK_T=16, BLOCK_D=64), 2)
         _compile_for_sm90(reduce._kmax_select_kernel, kmax, dict(
             HAS_MASK=False, IS_FP64=fp64, N_BITS=64 if fp64 else 32, BLOCK_T=16, BLOCK_D=64), 2,
             ints="i64")

@@ -159,6 +159,22 @@ def test_weights_in_another_dtype_and_zero_sizes():
     assert torch.equal(gw, torch.zeros(2, dtype=torch.float64, device=DEVICE))
 
 
+def test_attention_packed_gradient_rows_outside_every_sequence_are_zero(split):
+    """cu_seqlens that does not cover [0, T) (its values are not checked while tracing): the
+    uncovered rows of both gradients are 0, never uninitialized memory; the others match."""
+    x = torch.randn(7, 4, dtype=torch.float64, device=DEVICE)
+    s = torch.randn(7, 2, dtype=torch.float64, device=DEVICE)
+    cu = torch.tensor([1, 3, 5], device=DEVICE)  # rows 0, 5 and 6 belong to no sequence
+    out = weighted.attention_pool(x, s, None, cu)
+    g = torch.randn(2, 4, dtype=torch.float64, device=DEVICE)
+    torch.full((1 << 20,), float("nan"), device=DEVICE)  # poison freed memory
+    gx, gs = weighted.attention_pool_backward(g, x, s, None, cu, *out)
+    want = reference.attention_pool_backward(g, x[1:5], s[1:5], None, cu - 1, *out)
+    for got, ref in zip((gx, gs), want):
+        assert (got[[0, 5, 6]] == 0).all()
+        torch.testing.assert_close(got[1:5], ref)
+
+
 # ----------------------------------------------------------------------------------------------
 # The GPU compiler: it rejects code the interpreter runs (types, layouts), and needs no GPU.
 # ----------------------------------------------------------------------------------------------
@@ -222,11 +238,13 @@ def compile_all_for_sm90():
                               dict(flags, SPLIT=4, BLOCK_T=4, BLOCK_D=1024), 4)
             _compile_for_sm90(w._attention_pool_bwd_scores_kernel, types,
                               dict(flags, BLOCK_T=512), 4)
-        blocks = dict(N=3, IS_FP64=f64, BLOCK_R=4, BLOCK_D=512)
+        # float64 (and > 32 layers) tiles are one row deep on a GPU (_layer_tile)
+        blocks = dict(N=3, IS_FP64=f64, BLOCK_R=1 if f64 else 4, BLOCK_D=512)
         _compile_for_sm90(w._weighted_layer_pool_fwd_kernel, types,
                           dict(blocks, ACCUMULATE=True), 8, tuples=3)
         _compile_for_sm90(w._weighted_layer_pool_bwd_kernel, types, blocks, 8, tuples=3)
-        mean = dict(N=3, HAS_MASK=True, SPLIT=4, IS_FP64=f64, BLOCK_T=4, BLOCK_D=512)
+        mean = dict(N=3, HAS_MASK=True, SPLIT=4, IS_FP64=f64, BLOCK_T=1 if f64 else 4,
+                    BLOCK_D=512)
         _compile_for_sm90(w._weighted_layer_mean_fwd_kernel, types, dict(mean, FINAL=False), 8,
                           tuples=3)
         _compile_for_sm90(w._weighted_layer_mean_bwd_kernel, types, mean, 8, tuples=3)

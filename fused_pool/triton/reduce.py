@@ -307,13 +307,16 @@ def _pool_bwd_kernel(
                 valid = valid & (t >= seq_lo) & (t < seq_hi)
             tile = tl.where(valid[:, None], gmean[None, :], tile)
         if PICK:
-            pos = tl.where(t < seq_hi, t - seq_lo, -2)[:, None]  # -2 matches no index
+            # -2 matches no index. Rows before seq_lo (only sequence 0 owns any: cu[0] > 0, not
+            # checked while tracing) would otherwise give -1, the index of an empty feature.
+            pos = tl.where((t >= seq_lo) & (t < seq_hi), t - seq_lo, -2)[:, None]
             if PICK_ONE:
                 tile += tl.where(pos == idx1[None, :], g1[None, :], 0.0)
             else:
                 for k in range(0, K):
-                    i = tl.load(idx_base + k * stride_ik, mask=dmask, other=-1)
-                    g = tl.load(gsel_base + k * stride_gsk, mask=dmask, other=0.0)
+                    k64 = b * 0 + k  # as int64: k * D may pass 2^31 (a [K, D] slab that large)
+                    i = tl.load(idx_base + k64 * stride_ik, mask=dmask, other=-1)
+                    g = tl.load(gsel_base + k64 * stride_gsk, mask=dmask, other=0.0)
                     tile += tl.where(pos == i[None, :], _to_acc(g, IS_FP64)[None, :], 0.0)
         ptrs = gx_base + t[:, None] * stride_gxt + offs_d[None, :]
         tile = cast_to(tile, out_ty)
@@ -322,8 +325,9 @@ def _pool_bwd_kernel(
     if SCATTER:
         tl.debug_barrier()
         for k in range(0, K):
-            i = tl.load(idx_base + k * stride_ik, mask=dmask, other=-1)
-            g = tl.load(gsel_base + k * stride_gsk, mask=dmask, other=0.0)
+            k64 = b * 0 + k  # as int64: k * D may pass 2^31 (a [K, D] slab that large)
+            i = tl.load(idx_base + k64 * stride_ik, mask=dmask, other=-1)
+            g = tl.load(gsel_base + k64 * stride_gsk, mask=dmask, other=0.0)
             row = seq_lo + i
             ok = dmask & (i >= 0) & (row >= lo) & (row < hi) & (row < seq_hi)
             tl.store(gx_base + row * stride_gxt + offs_d, g.to(out_ty), mask=ok)

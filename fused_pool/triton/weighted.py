@@ -275,27 +275,34 @@ def attention_pool(
 def _token_range(start_ptr, end_ptr, b, NUM_TOKENS, split,
                  PACKED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr):
     """The rows ``[lo, hi)`` of sequence b's gradient that chunk ``split`` of SPLIT writes
-    (padded layout: all L rows, packed: the sequence's own), and ``vend``, one past the last
-    valid token. Chunks are whole tiles, so that no tile straddles two programs."""
+    (padded layout: all L rows, packed: the sequence's own), and ``[vstart, vend)``, the
+    sequence's tokens. Chunks are whole tiles, so that no tile straddles two programs.
+
+    Packed: the first / last sequence also own the rows before / after every sequence, so a
+    ``cu_seqlens`` that does not cover ``[0, T)`` (not checked while tracing) still gets a
+    fully written gradient (zeros there), never uninitialized memory."""
     vend = tl.load(end_ptr + b)
     if PACKED:
-        lo = tl.load(start_ptr + b)
-        hi = vend
+        vstart = tl.load(start_ptr + b)
+        lo = tl.where(b == 0, 0, vstart)
+        hi = tl.where(b == tl.num_programs(0) - 1, NUM_TOKENS, vend)
     else:
-        lo = tl.zeros([], tl.int64)
+        vstart = tl.zeros([], tl.int64)
+        lo = vstart
         hi = lo + NUM_TOKENS
     if SPLIT > 1:
         chunk = tl.cdiv(tl.cdiv(hi - lo, SPLIT), BLOCK_T) * BLOCK_T
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
-    return lo, hi, vend
+    return lo, hi, vstart, vend
 
 
 @triton.jit
-def _valid_tokens(t, hi, vend, b, mask_ptr, stride_mb, stride_ml, HAS_MASK: tl.constexpr):
+def _valid_tokens(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
+                  HAS_MASK: tl.constexpr):
     """``(inside, valid)`` for token rows t: inside the range, and a valid token."""
     inside = t < hi
-    valid = inside & (t < vend)
+    valid = inside & (t >= vstart) & (t < vend)
     if HAS_MASK:
         mv = tl.load(mask_ptr + b * stride_mb + t * stride_ml, mask=valid, other=0)
         valid = valid & (mv != 0)
@@ -321,7 +328,7 @@ def _attention_pool_bwd_kernel(
     acc_ty = tl.float64 if IS_FP64 else tl.float32
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    lo, hi, vend = _token_range(start_ptr, end_ptr, b, NUM_TOKENS, tl.program_id(2),
+    lo, hi, vstart, vend = _token_range(start_ptr, end_ptr, b, NUM_TOKENS, tl.program_id(2),
                                 PACKED, SPLIT, BLOCK_T)
     hd = h.to(tl.int64) * DH  # first feature of the head
     offs_d = tl.arange(0, BLOCK_D)
@@ -330,7 +337,8 @@ def _attention_pool_bwd_kernel(
     c_base = c_ptr + b * stride_cb + h
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        inside, valid = _valid_tokens(t, hi, vend, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
+        inside, valid = _valid_tokens(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
+                                       HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         p = tl.where(valid, tl.exp(s - lse), 0.0).to(acc_ty)
         c = tl.zeros([BLOCK_T], acc_ty)
@@ -364,20 +372,22 @@ def _attention_pool_bwd_scores_kernel(
     acc_ty = tl.float64 if IS_FP64 else tl.float32
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    lo, hi, vend = _token_range(start_ptr, end_ptr, b, NUM_TOKENS, 0, PACKED, 1, BLOCK_T)
+    lo, hi, vstart, vend = _token_range(start_ptr, end_ptr, b, NUM_TOKENS, 0, PACKED, 1, BLOCK_T)
     lse = tl.load(lse_ptr + b * H + h).to(acc_ty)
     s_base = s_ptr + b * stride_sb + h.to(tl.int64) * stride_sh
     c_base = c_ptr + b * stride_cb + h
     delta = tl.sum(tl.zeros([BLOCK_T], acc_ty), 0)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        inside, valid = _valid_tokens(t, hi, vend, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
+        inside, valid = _valid_tokens(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
+                                       HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         c = tl.load(c_base + t * stride_ct, mask=valid, other=0)
         delta += tl.sum(tl.where(valid, tl.exp(s - lse) * c, 0.0), 0)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        inside, valid = _valid_tokens(t, hi, vend, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
+        inside, valid = _valid_tokens(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
+                                       HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         c = tl.load(c_base + t * stride_ct, mask=valid, other=0)
         gs = tl.where(valid, tl.exp(s - lse) * (c - delta), 0.0)
