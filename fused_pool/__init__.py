@@ -1,6 +1,6 @@
 """fused_pool: fused masked pooling and normalization for transformer hidden states.
 
-Public API (see README.md and SPEC.md)::
+Public API (``docs/api.md``; semantics: ``docs/semantics.md``)::
 
     import fused_pool as fp
     fp.masked_mean(x, mask)                 # [B, L, D] -> [B, D]

@@ -1,16 +1,16 @@
 """Backend selection: the one place that decides which implementation runs for (op, device).
 
-Backends, in the order ``"auto"`` tries them:
+Backends (their code and ``torch.library`` namespaces: ``backends/__init__.py``), in the order
+``"auto"`` tries them:
 
-* ``"triton"``: Triton kernels (module ``fused_pool.triton``); CUDA tensors, or CPU tensors when
-  ``TRITON_INTERPRET=1`` was set before Triton was imported. ``"auto"`` uses it for CUDA only.
+* ``"triton"``: Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
+  before Triton was imported. ``"auto"`` uses it for CUDA only.
 * ``"cpp"``: the compiled extension ``fused_pool._C`` built from ``csrc/``; CPU kernels and, when
   built with CUDA, CUDA kernels.
-* ``"torch"``: the pure-PyTorch reference (``fused_pool.backends.reference``); every device.
+* ``"torch"``: the pure-PyTorch reference; every device.
 
-Each backend's operators live in the ``torch.library`` namespace ``fused_pool_<name>``. Importing
-fused_pool probes every backend once (``probe_all``) and records why one is unavailable, so errors
-can name what is missing.
+Importing fused_pool probes every backend once (``probe_all``) and records why one is
+unavailable, so errors can name what is missing.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _ops
-from ._schema import SCHEMAS, namespace
+from ._schema import SCHEMAS
+from .backends import BACKENDS as _TABLE
 
-BACKENDS: tuple[str, ...] = ("triton", "cpp", "torch")
+BACKENDS: tuple[str, ...] = tuple(_TABLE)
 ENV_VAR = "FUSED_POOL_BACKEND"
 
 
@@ -38,9 +39,8 @@ class _Probe:
 
 
 def _probe_torch() -> _Probe:
-    from .backends import reference
-
-    _ops.register_backend("torch", reference.IMPLEMENTATIONS)
+    reference = importlib.import_module(_TABLE["torch"].module)
+    _ops.register_backend(_TABLE["torch"].namespace, reference.IMPLEMENTATIONS)
     return _Probe(True, devices=frozenset({"*"}))
 
 
@@ -52,7 +52,7 @@ def _has_kernel(ns: str, key: str) -> bool:
 
 def _probe_cpp() -> _Probe:
     try:
-        importlib.import_module("fused_pool._C")
+        importlib.import_module(_TABLE["cpp"].module)
     except ImportError as exc:
         return _Probe(
             False,
@@ -60,11 +60,11 @@ def _probe_cpp() -> _Probe:
             f"({type(exc).__name__}: {exc}); reinstall with "
             "`pip install --no-build-isolation -e .` and a C++ compiler",
         )
-    ns = namespace("cpp")
+    ns = _TABLE["cpp"].namespace
     missing = [n for n in SCHEMAS if not hasattr(getattr(torch.ops, ns), n)]
     if missing:
         return _Probe(False, f"fused_pool._C lacks the operators {', '.join(missing)}")
-    _ops.register_backend("cpp")
+    _ops.register_backend(ns)
     devices = {d for d, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(ns, key)}
     if not devices:
         return _Probe(False, "fused_pool._C has no CPU or CUDA kernels registered")
@@ -80,12 +80,7 @@ def _probe_triton() -> _Probe:
         import triton  # noqa: F401
     except ImportError as exc:
         return _Probe(False, f"Triton is not installed ({exc}); `pip install triton`")
-    try:
-        module = importlib.import_module("fused_pool.triton")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fused_pool.triton":
-            raise
-        return _Probe(False, "this build of fused_pool has no Triton kernels (fused_pool.triton)")
+    module = importlib.import_module(_TABLE["triton"].module)
     devices = set()
     if torch.cuda.is_available():
         devices.add("cuda")
@@ -96,7 +91,8 @@ def _probe_triton() -> _Probe:
             False,
             "Triton needs a CUDA device (none found), or TRITON_INTERPRET=1 for CPU tensors",
         )
-    _ops.register_backend("triton", module.IMPLEMENTATIONS, module.dispatch_keys(devices))
+    _ops.register_backend(_TABLE["triton"].namespace, module.IMPLEMENTATIONS,
+                          module.dispatch_keys(devices))
     return _Probe(True, devices=frozenset(devices))
 
 
@@ -207,4 +203,4 @@ def resolve(device: torch.device) -> str:
 
 def ops(device: torch.device):
     """The ``torch.ops`` namespace of the backend that runs on ``device``."""
-    return getattr(torch.ops, namespace(resolve(device)))
+    return getattr(torch.ops, _TABLE[resolve(device)].namespace)

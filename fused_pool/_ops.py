@@ -16,22 +16,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._schema import SCHEMAS, namespace
+from ._schema import SCHEMAS, acc_dtype, batch_size, grad_x_shape
 
 _LIBRARIES: dict[str, torch.library.Library] = {}
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _batch(x: Tensor, cu_seqlens: Tensor | None) -> int:
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-
-
 def _grad_x(grad: Tensor, cu_seqlens: Tensor | None, num_tokens, d) -> Tensor:
-    shape = (grad.shape[0], num_tokens, d) if cu_seqlens is None else (num_tokens, d)
-    return grad.new_empty(shape)
+    return grad.new_empty(grad_x_shape(grad.shape[0], num_tokens, d, cu_seqlens is not None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,7 +30,7 @@ def _grad_x(grad: Tensor, cu_seqlens: Tensor | None, num_tokens, d) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 def _fake_masked_mean(x, mask, cu_seqlens):
-    return x.new_empty(_batch(x, cu_seqlens), x.shape[-1])
+    return x.new_empty(batch_size(x, cu_seqlens), x.shape[-1])
 
 
 def _fake_masked_mean_backward(grad, mask, cu_seqlens, num_tokens):
@@ -47,12 +38,12 @@ def _fake_masked_mean_backward(grad, mask, cu_seqlens, num_tokens):
 
 
 def _fake_masked_extremum(x, mask, cu_seqlens, largest):
-    b, d = _batch(x, cu_seqlens), x.shape[-1]
+    b, d = batch_size(x, cu_seqlens), x.shape[-1]
     return x.new_empty(b, d), x.new_empty(b, d, dtype=torch.int64)
 
 
 def _fake_masked_kmax(x, mask, cu_seqlens, k):
-    b, d = _batch(x, cu_seqlens), x.shape[-1]
+    b, d = batch_size(x, cu_seqlens), x.shape[-1]
     return x.new_empty(b, k, d), x.new_empty(b, k, d, dtype=torch.int64)
 
 
@@ -61,7 +52,7 @@ def _fake_index_pool_backward(grad, indices, cu_seqlens, num_tokens):
 
 
 def _fake_masked_mean_max(x, mask, cu_seqlens):
-    b, d = _batch(x, cu_seqlens), x.shape[-1]
+    b, d = batch_size(x, cu_seqlens), x.shape[-1]
     return x.new_empty(b, 2 * d), x.new_empty(b, d, dtype=torch.int64)
 
 
@@ -70,8 +61,8 @@ def _fake_masked_mean_max_backward(grad, indices, mask, cu_seqlens, num_tokens):
 
 
 def _fake_attention_pool(x, scores, mask, cu_seqlens):
-    b = _batch(x, cu_seqlens)
-    return x.new_empty(b, x.shape[-1]), x.new_empty(b, scores.shape[-1], dtype=_acc(x.dtype))
+    b = batch_size(x, cu_seqlens)
+    return x.new_empty(b, x.shape[-1]), x.new_empty(b, scores.shape[-1], dtype=acc_dtype(x.dtype))
 
 
 def _fake_attention_pool_backward(grad, x, scores, mask, cu_seqlens, out, lse):
@@ -95,7 +86,7 @@ def _fake_weighted_layer_mean_backward(grad, layers, weights, mask):
 
 
 def _stats(x: Tensor, shape) -> Tensor:
-    return x.new_empty(shape, dtype=_acc(x.dtype))
+    return x.new_empty(shape, dtype=acc_dtype(x.dtype))
 
 
 def _param_grad(p: Tensor | None, x: Tensor) -> Tensor:
@@ -129,7 +120,7 @@ def _fake_instance_norm_backward(grad, x, weight, bias, mean, rstd):
 
 
 def _fake_masked_instance_norm(x, mask, cu_seqlens, weight, bias, eps):
-    stat = (_batch(x, cu_seqlens), x.shape[-1])
+    stat = (batch_size(x, cu_seqlens), x.shape[-1])
     return x.new_empty(x.shape), _stats(x, stat), _stats(x, stat)
 
 
@@ -137,7 +128,29 @@ def _fake_masked_instance_norm_backward(grad, x, mask, cu_seqlens, weight, bias,
     return x.new_empty(x.shape), _param_grad(weight, x), _param_grad(bias, x)
 
 
-FAKES: dict[str, Callable] = {name: globals()[f"_fake_{name}"] for name in SCHEMAS}
+FAKES: dict[str, Callable] = {
+    "masked_mean": _fake_masked_mean,
+    "masked_mean_backward": _fake_masked_mean_backward,
+    "masked_extremum": _fake_masked_extremum,
+    "masked_kmax": _fake_masked_kmax,
+    "index_pool_backward": _fake_index_pool_backward,
+    "masked_mean_max": _fake_masked_mean_max,
+    "masked_mean_max_backward": _fake_masked_mean_max_backward,
+    "attention_pool": _fake_attention_pool,
+    "attention_pool_backward": _fake_attention_pool_backward,
+    "weighted_layer_pool": _fake_weighted_layer_pool,
+    "weighted_layer_pool_backward": _fake_weighted_layer_pool_backward,
+    "weighted_layer_mean": _fake_weighted_layer_mean,
+    "weighted_layer_mean_backward": _fake_weighted_layer_mean_backward,
+    "layer_norm": _fake_layer_norm,
+    "layer_norm_backward": _fake_layer_norm_backward,
+    "rms_norm": _fake_rms_norm,
+    "rms_norm_backward": _fake_rms_norm_backward,
+    "instance_norm": _fake_instance_norm,
+    "instance_norm_backward": _fake_instance_norm_backward,
+    "masked_instance_norm": _fake_masked_instance_norm,
+    "masked_instance_norm_backward": _fake_masked_instance_norm_backward,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,16 +293,16 @@ def _contiguous_outputs(fn: Callable) -> Callable:
 
 
 def register_backend(
-    backend: str,
+    ns: str,
     kernels: dict[str, Callable] | None = None,
     dispatch_keys: Sequence[str] = ("CompositeExplicitAutograd",),
 ) -> None:
-    """Make backend ``backend``'s operators usable: define them (when ``kernels`` are given in
-    Python; a C++ backend has defined them already), then add fake kernels and autograd.
+    """Make the operators of namespace ``ns`` (a backend's: ``backends/__init__.py``) usable:
+    define them (when ``kernels`` are given in Python; a C++ backend has defined them already),
+    then add fake kernels and autograd.
 
     Idempotent: a namespace is registered once per process.
     """
-    ns = namespace(backend)
     if ns in _LIBRARIES:
         return
     lib = torch.library.Library(ns, "DEF" if kernels is not None else "FRAGMENT")

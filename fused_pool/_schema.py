@@ -1,8 +1,8 @@
 """The operator schemas every backend implements.
 
-Each backend owns a ``torch.library`` namespace ``fused_pool_<backend>`` (``fused_pool_torch``,
-``fused_pool_triton``, ``fused_pool_cpp``) holding exactly these operators with exactly
-these signatures. The C++ extension declares the same strings in ``TORCH_LIBRARY``;
+Each backend owns a ``torch.library`` namespace (``fused_pool_torch``, ``fused_pool_triton``,
+``fused_pool_cpp``: the table in ``backends/__init__.py``) holding exactly these operators with
+exactly these signatures. The C++ extension declares the same strings in ``TORCH_LIBRARY``;
 ``_ops.py`` registers one fake kernel and one autograd formula per forward operator for every
 namespace, so a new backend only has to provide the kernels.
 
@@ -24,8 +24,12 @@ Conventions shared by all operators (the public functions in ``functional.py`` g
 
 from __future__ import annotations
 
-# name -> schema (without the name). Forward ops first, each followed by its backward.
+import torch
+
+# name -> schema (without the name), by family (pool, weighted, norm). Forward ops first, each
+# followed by its backward.
 SCHEMAS: dict[str, str] = {
+    # -- pool: mean, max/min, k-max, mean+max ---------------------------------------------------
     "masked_mean": "(Tensor x, Tensor? mask, Tensor? cu_seqlens) -> Tensor",
     "masked_mean_backward": (
         "(Tensor grad, Tensor? mask, Tensor? cu_seqlens, SymInt num_tokens) -> Tensor"
@@ -46,6 +50,7 @@ SCHEMAS: dict[str, str] = {
         "(Tensor grad, Tensor indices, Tensor? mask, Tensor? cu_seqlens, SymInt num_tokens)"
         " -> Tensor"
     ),
+    # -- weighted: attention, weighted layers ----------------------------------------------------
     # scores is [B, L, H] (padded) or [T, H] (packed). Returns (out [B, D], lse [B, H]).
     "attention_pool": (
         "(Tensor x, Tensor scores, Tensor? mask, Tensor? cu_seqlens) -> (Tensor, Tensor)"
@@ -63,6 +68,7 @@ SCHEMAS: dict[str, str] = {
     "weighted_layer_mean_backward": (
         "(Tensor grad, Tensor[] layers, Tensor weights, Tensor? mask) -> (Tensor[], Tensor)"
     ),
+    # -- norm -------------------------------------------------------------------------------------
     # Normalizes over the last `normalized_ndim` dims. Returns (y, mean, rstd), stats shaped
     # x.shape[:-normalized_ndim].
     "layer_norm": (
@@ -99,9 +105,35 @@ SCHEMAS: dict[str, str] = {
     ),
 }
 
+#: The family of every operator: the file name of its implementation in every backend
+#: (``backends/reference/<family>.py``, ``backends/triton_backend/<family>.py``,
+#: ``csrc/cpu/<family>_cpu.cpp``, ``csrc/cuda/<family>_cuda.cu``) and of its tests
+#: (``tests/test_<family>.py``).
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "pool": ("masked_mean", "masked_mean_backward", "masked_extremum", "masked_kmax",
+             "index_pool_backward", "masked_mean_max", "masked_mean_max_backward"),
+    "weighted": ("attention_pool", "attention_pool_backward", "weighted_layer_pool",
+                 "weighted_layer_pool_backward", "weighted_layer_mean",
+                 "weighted_layer_mean_backward"),
+    "norm": ("layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward",
+             "instance_norm", "instance_norm_backward", "masked_instance_norm",
+             "masked_instance_norm_backward"),
+}
+
 FORWARD_OPS: tuple[str, ...] = tuple(n for n in SCHEMAS if not n.endswith("_backward"))
 
 
-def namespace(backend: str) -> str:
-    """The ``torch.library`` namespace of a backend's operators."""
-    return f"fused_pool_{backend}"
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation (and statistics) dtype of an input dtype: float64 stays float64, every
+    other float type accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_size(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """``B`` of a padded ``[B, L, D]`` or packed ``[T, D]`` (+ ``cu_seqlens [B + 1]``) input."""
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def grad_x_shape(b: int, num_tokens, d, packed: bool) -> tuple:
+    """Shape of the gradient of a pooled input: ``[B, num_tokens, D]``, or ``[T, D]`` packed."""
+    return (num_tokens, d) if packed else (b, num_tokens, d)

@@ -1,9 +1,10 @@
 """The public functions of fused_pool: check arguments, pick the backend, call its operator.
 
-Semantics shared by every backend (see SPEC.md): a token is valid where ``mask != 0``; padded
-values (NaN and Inf included) never reach an output or a gradient; a sequence with no valid token
-pools to 0 with index -1 and zero gradient; ties go to the lowest token index; accumulation is in
-float32 (float64 for float64 input) and outputs come back in the input dtype.
+Semantics shared by every backend (``docs/semantics.md``): a token is valid where
+``mask != 0``; padded values (NaN and Inf included) never reach an output or a gradient; a
+sequence with no valid token pools to 0 with index -1 and zero gradient; ties go to the lowest
+token index; accumulation is in float32 (float64 for float64 input) and outputs come back in the
+input dtype.
 """
 
 from __future__ import annotations

@@ -12,28 +12,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
+from . import functional as fpf  # not `F`: that name means torch.nn.functional to a reader
 
 
 class MeanPooling(nn.Module):
     """``[B, L, D]`` + mask ``[B, L]`` -> ``[B, D]``: mean over valid tokens."""
 
     def forward(self, last_hidden_state: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return F.masked_mean(last_hidden_state, attention_mask)
+        return fpf.masked_mean(last_hidden_state, attention_mask)
 
 
 class MaxPooling(nn.Module):
     """``[B, L, D]`` + mask -> ``[B, D]``: max over valid tokens."""
 
     def forward(self, last_hidden_state: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return F.masked_max(last_hidden_state, attention_mask)
+        return fpf.masked_max(last_hidden_state, attention_mask)
 
 
 class MinPooling(nn.Module):
     """``[B, L, D]`` + mask -> ``[B, D]``: min over valid tokens."""
 
     def forward(self, last_hidden_state: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return F.masked_min(last_hidden_state, attention_mask)
+        return fpf.masked_min(last_hidden_state, attention_mask)
 
 
 class KMaxPooling(nn.Module):
@@ -47,7 +47,7 @@ class KMaxPooling(nn.Module):
         self.k, self.reduce = k, reduce
 
     def forward(self, last_hidden_state: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return F.masked_kmax(last_hidden_state, attention_mask, self.k, reduce=self.reduce)
+        return fpf.masked_kmax(last_hidden_state, attention_mask, self.k, reduce=self.reduce)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, reduce={self.reduce!r}"
@@ -57,7 +57,7 @@ class MeanMaxPooling(nn.Module):
     """``[B, L, D]`` + mask -> ``[B, 2D]``: ``cat([mean, max], -1)`` in one pass."""
 
     def forward(self, last_hidden_state: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return F.masked_mean_max(last_hidden_state, attention_mask)
+        return fpf.masked_mean_max(last_hidden_state, attention_mask)
 
 
 class AttentionPooling(nn.Module):
@@ -80,7 +80,7 @@ class AttentionPooling(nn.Module):
 
     def forward(self, last_hidden_state: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         scores = self.attention(last_hidden_state)
-        return F.attention_pool(last_hidden_state, scores, attention_mask)
+        return fpf.attention_pool(last_hidden_state, scores, attention_mask)
 
 
 class WeightedLayerPooling(nn.Module):
@@ -102,7 +102,7 @@ class WeightedLayerPooling(nn.Module):
                               else nn.Parameter(torch.ones(count, dtype=torch.float)))
 
     def forward(self, all_hidden_states) -> Tensor:
-        return F.weighted_layer_pool(all_hidden_states, self.layer_weights,
+        return fpf.weighted_layer_pool(all_hidden_states, self.layer_weights,
                                      layer_start=self.layer_start)
 
 
@@ -126,14 +126,14 @@ class LayerNorm(nn.LayerNorm):
     """``torch.nn.LayerNorm`` computed by ``fused_pool.layer_norm``."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return fpf.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
     """``torch.nn.RMSNorm`` computed by ``fused_pool.rms_norm``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return fpf.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 class InstanceNorm1d(nn.InstanceNorm1d):
@@ -152,7 +152,7 @@ class InstanceNorm1d(nn.InstanceNorm1d):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() == 2:
             return self.forward(input.unsqueeze(0)).squeeze(0)
-        return F.instance_norm(input, self.weight, self.bias, self.eps)
+        return fpf.instance_norm(input, self.weight, self.bias, self.eps)
 
 
 class MaskedInstanceNorm(nn.Module):
@@ -173,7 +173,7 @@ class MaskedInstanceNorm(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, *,
                 cu_seqlens: Tensor | None = None) -> Tensor:
-        return F.masked_instance_norm(x, mask, self.weight, self.bias, self.eps,
+        return fpf.masked_instance_norm(x, mask, self.weight, self.bias, self.eps,
                                       cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:

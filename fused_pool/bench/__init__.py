@@ -24,7 +24,7 @@ from .timing import Timer, copy_bandwidth, peak_extra_bytes, read_bandwidth
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
-# The SPEC's shapes: CPU (2 cores) fp32 and NVIDIA H200 bf16.
+# The target shapes of docs/performance.md: CPU (2 cores) fp32 and NVIDIA H200 bf16.
 DEFAULTS = {"cpu": ((32, 512, 768), "fp32"), "cuda": ((32, 2048, 4096), "bf16")}
 
 

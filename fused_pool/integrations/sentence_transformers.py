@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from .. import functional as fpf
 
 __all__ = ["FusedPoolingForward", "is_swapped", "swap_pooling", "unswap_pooling"]
 
@@ -169,10 +169,10 @@ class FusedPoolingForward:
         want_mean = "mean" in modes or "mean_sqrt_len_tokens" in modes
         want_max = "max" in modes
         if want_mean and want_max:
-            both = F.masked_mean_max(x, mask, cu_seqlens=cu_seqlens)
+            both = fpf.masked_mean_max(x, mask, cu_seqlens=cu_seqlens)
             return both[..., : x.size(-1)], both[..., x.size(-1):]
-        mean = F.masked_mean(x, mask, cu_seqlens=cu_seqlens) if want_mean else None
-        maximum = F.masked_max(x, mask, cu_seqlens=cu_seqlens) if want_max else None
+        mean = fpf.masked_mean(x, mask, cu_seqlens=cu_seqlens) if want_mean else None
+        maximum = fpf.masked_max(x, mask, cu_seqlens=cu_seqlens) if want_max else None
         return mean, maximum
 
     def _weighted_mean(self, x: Tensor, mask: Tensor, original_mask: Tensor,
@@ -185,7 +185,7 @@ class FusedPoolingForward:
             weights = weights - original_mask.to(torch.int32).argmax(dim=1, keepdim=True)
         # Valid tokens lie at or after the first one, so their weights are >= 1; the clamp only
         # keeps padded scores finite (attention_pool ignores them anyway).
-        pooled = F.attention_pool(x, weights.clamp(min=1).log(), mask)
+        pooled = fpf.attention_pool(x, weights.clamp(min=1).log(), mask)
         if tws is None:
             return pooled
         # The library divides the weighted sum by token_weights_sum instead of sum(w).
@@ -217,7 +217,7 @@ class FusedPoolingForward:
                 # Weight of a token: its position within its sequence, plus 1.
                 starts = torch.repeat_interleave(cu[:-1], lengths)
                 positions = torch.arange(x.size(0), device=x.device) - starts
-                out.append(F.attention_pool(x, (positions + 1).to(acc).log(), cu_seqlens=cu))
+                out.append(fpf.attention_pool(x, (positions + 1).to(acc).log(), cu_seqlens=cu))
         return out
 
 

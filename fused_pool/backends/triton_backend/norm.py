@@ -1,4 +1,4 @@
-"""Triton kernels of the normalization operators (formulas: ``fused_pool/backends/reference.py``).
+"""Triton kernels of the normalization operators (formulas: ``backends/reference/norm.py``).
 
 Two kernel families:
 
@@ -30,12 +30,12 @@ Two kernel families:
   InstanceNorm's parameters are per row (channel ``r % C``), so its backward writes per-row sums
   ``[B * C]`` instead, summed over ``B`` afterwards.
 
-* **Masked InstanceNorm** over the token layout of ``_common.seqs`` (padded + mask, or packed +
+* **Masked InstanceNorm** over the token layout of ``_layout.seqs`` (padded + mask, or packed +
   ``cu_seqlens``): a program owns (sequence ``b``, a block of ``BLOCK_D`` features), merges the
   statistics of its valid tokens tile by tile (padding is never loaded), then writes every output
-  position of the sequence: normalized at valid tokens, 0 at padding. A sequence's column block
-  does not fit on chip at long L, so x is read twice (statistics, output) and the backward reads
-  x and g twice.
+  row it owns (``_layout.owned_rows``): normalized at valid tokens, 0 at padding. A sequence's
+  column block does not fit on chip at long L, so x is read twice (statistics, output) and the
+  backward reads x and g twice.
 
 Launch parameters are heuristics (no autotuning): tile sizes and warps were chosen so that no
 kernel spills registers on sm_90 (ptxas resource usage of the compiled kernels: backward
@@ -50,7 +50,6 @@ kernels get ``eps`` as the float32 pair ``eps_hi + eps_lo`` (summed in float64) 
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 
@@ -59,7 +58,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, acc_dtype, cast_to, dummy, seqs
+from ..._schema import acc_dtype
+from ._layout import INTERPRET, cast_to, dummy, num_sms, owned_rows, seqs, to_acc, token_valid
 
 # Longest row (elements) held in registers by the forward and by the backward (which also holds
 # the gradient and the weight/bias partial sums); half as long for float64. Longer rows are
@@ -74,16 +74,6 @@ _TILE_ELEMS = 4096
 # ----------------------------------------------------------------------------------------------
 # Small device helpers
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _acc(v, IS_FP64: tl.constexpr):
-    """``v`` in the accumulation dtype: float64 for float64 kernels, float32 otherwise."""
-    if IS_FP64:
-        out = v.to(tl.float64)
-    else:
-        out = v.to(tl.float32)
-    return out
 
 
 @triton.jit
@@ -109,14 +99,14 @@ def _row_affine(xhat, W, Bb, rows, cols, rmask, cmask, M1, ROW_AFFINE: tl.conste
     y = xhat
     if HAS_W:
         if ROW_AFFINE:
-            y = y * _acc(tl.load(W + rows % M1, mask=rmask, other=0.0), IS_FP64)[:, None]
+            y = y * to_acc(tl.load(W + rows % M1, mask=rmask, other=0.0), IS_FP64)[:, None]
         else:
-            y = y * _acc(tl.load(W + cols, mask=cmask, other=0.0), IS_FP64)[None, :]
+            y = y * to_acc(tl.load(W + cols, mask=cmask, other=0.0), IS_FP64)[None, :]
     if HAS_B:
         if ROW_AFFINE:
-            y = y + _acc(tl.load(Bb + rows % M1, mask=rmask, other=0.0), IS_FP64)[:, None]
+            y = y + to_acc(tl.load(Bb + rows % M1, mask=rmask, other=0.0), IS_FP64)[:, None]
         else:
-            y = y + _acc(tl.load(Bb + cols, mask=cmask, other=0.0), IS_FP64)[None, :]
+            y = y + to_acc(tl.load(Bb + cols, mask=cmask, other=0.0), IS_FP64)[None, :]
     return y
 
 
@@ -146,7 +136,7 @@ def _row_norm_fwd_kernel(
         cmask = cols < N
         m2d = rmask[:, None] & cmask[None, :]
         xp = X + xrow[:, None] + cols.to(tl.int64)[None, :] * sxn
-        x = _acc(tl.load(xp, mask=m2d, other=0.0), IS_FP64)
+        x = to_acc(tl.load(xp, mask=m2d, other=0.0), IS_FP64)
         if CENTERED:
             mean = tl.sum(x, 1) / N
             x = tl.where(m2d, x - mean[:, None], 0.0)
@@ -157,14 +147,14 @@ def _row_norm_fwd_kernel(
     else:
         # Chunk statistics merged into running (mean, M2): exact two-pass within a chunk, and
         # no cancellation of sum(x^2) - N mean^2 across chunks.
-        mean = _acc(tl.zeros([BLOCK_M], tl.float32), IS_FP64)
-        m2 = _acc(tl.zeros([BLOCK_M], tl.float32), IS_FP64)
+        mean = to_acc(tl.zeros([BLOCK_M], tl.float32), IS_FP64)
+        m2 = to_acc(tl.zeros([BLOCK_M], tl.float32), IS_FP64)
         for n0 in range(0, N, BLOCK_N):
             c = n0 + cols
             cmask = c < N
             m2d = rmask[:, None] & cmask[None, :]
             xp = X + xrow[:, None] + c.to(tl.int64)[None, :] * sxn
-            x = _acc(tl.load(xp, mask=m2d, other=0.0), IS_FP64)
+            x = to_acc(tl.load(xp, mask=m2d, other=0.0), IS_FP64)
             if CENTERED:
                 cnt = tl.minimum(N - n0, BLOCK_N)
                 cmean = tl.sum(x, 1) / cnt
@@ -181,7 +171,7 @@ def _row_norm_fwd_kernel(
             cmask = c < N
             m2d = rmask[:, None] & cmask[None, :]
             xp = X + xrow[:, None] + c.to(tl.int64)[None, :] * sxn
-            x = _acc(tl.load(xp, mask=m2d, other=0.0), IS_FP64)
+            x = to_acc(tl.load(xp, mask=m2d, other=0.0), IS_FP64)
             if CENTERED:
                 x = x - mean[:, None]
             y = _row_affine(x * rstd[:, None], W, Bb, rows, c, rmask, cmask, M1,
@@ -216,8 +206,8 @@ def _row_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         cmask = cols < N
-        dw_acc = _acc(tl.zeros([BLOCK_N], tl.float32), IS_FP64)
-        db_acc = _acc(tl.zeros([BLOCK_N], tl.float32), IS_FP64)
+        dw_acc = to_acc(tl.zeros([BLOCK_N], tl.float32), IS_FP64)
+        db_acc = to_acc(tl.zeros([BLOCK_N], tl.float32), IS_FP64)
     part = pid.to(tl.int64) * N  # this program's row of the partial buffers
     for i in range(0, tiles_per_prog):
         tile = (pid + i * nprog).to(tl.int64)
@@ -230,12 +220,12 @@ def _row_norm_bwd_kernel(
         if CENTERED:
             mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
         if HAS_W and ROW_AFFINE:
-            wr = _acc(tl.load(W + rows % M1, mask=rmask, other=0.0), IS_FP64)
+            wr = to_acc(tl.load(W + rows % M1, mask=rmask, other=0.0), IS_FP64)
         if SINGLE:
             m2d = rmask[:, None] & cmask[None, :]
             c64 = cols.to(tl.int64)[None, :]
-            x = _acc(tl.load(X + xrow[:, None] + c64 * sxn, mask=m2d, other=0.0), IS_FP64)
-            g = _acc(tl.load(G + grow[:, None] + c64 * sgn, mask=m2d, other=0.0), IS_FP64)
+            x = to_acc(tl.load(X + xrow[:, None] + c64 * sxn, mask=m2d, other=0.0), IS_FP64)
+            g = to_acc(tl.load(G + grow[:, None] + c64 * sgn, mask=m2d, other=0.0), IS_FP64)
             if CENTERED:
                 x = x - mean[:, None]
             xhat = tl.where(m2d, x * rstd[:, None], 0.0)
@@ -244,7 +234,7 @@ def _row_norm_bwd_kernel(
                     wdy = g * wr[:, None]
                 else:
                     # Reloaded per tile (an L1 hit) rather than held: registers are the limit.
-                    w = _acc(tl.load(W + cols, mask=cmask, other=0.0), IS_FP64)
+                    w = to_acc(tl.load(W + cols, mask=cmask, other=0.0), IS_FP64)
                     wdy = g * w[None, :]
             else:
                 wdy = g
@@ -267,20 +257,20 @@ def _row_norm_bwd_kernel(
                     db_acc += tl.sum(g, 0)
         else:
             # Pass 1: the row sums (of g, not w * g, for row parameters: w is then a scalar).
-            s_gx = _acc(tl.zeros([BLOCK_M], tl.float32), IS_FP64)
-            s_g = _acc(tl.zeros([BLOCK_M], tl.float32), IS_FP64)
+            s_gx = to_acc(tl.zeros([BLOCK_M], tl.float32), IS_FP64)
+            s_g = to_acc(tl.zeros([BLOCK_M], tl.float32), IS_FP64)
             for n0 in range(0, N, BLOCK_N):
                 c = n0 + cols
                 cmask = c < N
                 m2d = rmask[:, None] & cmask[None, :]
                 c64 = c.to(tl.int64)[None, :]
-                x = _acc(tl.load(X + xrow[:, None] + c64 * sxn, mask=m2d, other=0.0), IS_FP64)
-                g = _acc(tl.load(G + grow[:, None] + c64 * sgn, mask=m2d, other=0.0), IS_FP64)
+                x = to_acc(tl.load(X + xrow[:, None] + c64 * sxn, mask=m2d, other=0.0), IS_FP64)
+                g = to_acc(tl.load(G + grow[:, None] + c64 * sgn, mask=m2d, other=0.0), IS_FP64)
                 if CENTERED:
                     x = x - mean[:, None]
                 xhat = tl.where(m2d, x * rstd[:, None], 0.0)
                 if HAS_W and not ROW_AFFINE:
-                    g = g * _acc(tl.load(W + c, mask=cmask, other=0.0), IS_FP64)[None, :]
+                    g = g * to_acc(tl.load(W + c, mask=cmask, other=0.0), IS_FP64)[None, :]
                 s_gx += tl.sum(g * xhat, 1)
                 s_g += tl.sum(g, 1)
             if ROW_AFFINE:
@@ -300,8 +290,8 @@ def _row_norm_bwd_kernel(
                 cmask = c < N
                 m2d = rmask[:, None] & cmask[None, :]
                 c64 = c.to(tl.int64)[None, :]
-                x = _acc(tl.load(X + xrow[:, None] + c64 * sxn, mask=m2d, other=0.0), IS_FP64)
-                g = _acc(tl.load(G + grow[:, None] + c64 * sgn, mask=m2d, other=0.0), IS_FP64)
+                x = to_acc(tl.load(X + xrow[:, None] + c64 * sxn, mask=m2d, other=0.0), IS_FP64)
+                g = to_acc(tl.load(G + grow[:, None] + c64 * sgn, mask=m2d, other=0.0), IS_FP64)
                 if CENTERED:
                     x = x - mean[:, None]
                 xhat = tl.where(m2d, x * rstd[:, None], 0.0)
@@ -309,7 +299,7 @@ def _row_norm_bwd_kernel(
                     if ROW_AFFINE:
                         wdy = g * wr[:, None]
                     else:
-                        wdy = g * _acc(tl.load(W + c, mask=cmask, other=0.0), IS_FP64)[None, :]
+                        wdy = g * to_acc(tl.load(W + c, mask=cmask, other=0.0), IS_FP64)[None, :]
                 else:
                     wdy = g
                 dx = wdy - xhat * c1[:, None]
@@ -404,11 +394,6 @@ def _row_config(m: int, n: int, dtype: torch.dtype, backward: bool = False) -> d
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SINGLE": single, "num_warps": num_warps}
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _backward_programs(tiles: int, num_warps: int, device: torch.device) -> int:
     """Persistent backward grid: as many programs as fit on the GPU at once (16 warps per SM:
     the backward kernels use ~100-128 registers a thread), never more than tiles. A fixed
@@ -417,7 +402,7 @@ def _backward_programs(tiles: int, num_warps: int, device: torch.device) -> int:
     partial buffers."""
     if INTERPRET or device.type != "cuda":
         return min(tiles, 2)
-    return max(1, min(tiles, _num_sms(device) * max(1, 16 // num_warps)))
+    return max(1, min(tiles, num_sms(device) * max(1, 16 // num_warps)))
 
 
 def _row_norm_forward(x: Tensor, lead: int, weight: Tensor | None, bias: Tensor | None,
@@ -544,32 +529,22 @@ def _param_grad(g: Tensor | None, p: Tensor | None, x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Masked InstanceNorm over the token layout of `_common.seqs`
+# Masked InstanceNorm over the token layout of `_layout.seqs`
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _valid_tokens(t, s, e, b, mask_ptr, stride_mb, stride_ml, HAS_MASK: tl.constexpr):
-    """Which of the token positions ``t`` of sequence ``b`` (range ``[s, e)``) are valid."""
-    valid = t < e
-    if HAS_MASK:
-        m = tl.load(mask_ptr + b * stride_mb + (t - s) * stride_ml, mask=valid, other=0)
-        valid = valid & (m != 0)
-    return valid
 
 
 @triton.jit
 def _masked_instance_norm_fwd_kernel(
     X, Y, W, Bb, MEAN, RSTD,
     start_ptr, end_ptr, mask_ptr, stride_mb, stride_ml, stride_b, stride_t, stride_d,
-    D, out_len, sy_b, sy_t, eps_hi, eps_lo,
+    D, num_tokens, sy_b, sy_t, eps_hi, eps_lo,
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     IS_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Sequence ``b = pid0``, features ``d`` of block ``pid1``, over the valid tokens ``t``:
     ``mean = sum_t x / n``, ``var = sum_t (x - mean)^2 / n`` (``n`` = valid tokens, at least 1),
     ``rstd = 1 / sqrt(var + eps)``, ``y = (x - mean) * rstd * w + b`` at valid tokens and 0 at
-    every other position of the sequence (padded: ``t < out_len = L``; packed: ``[s, e)``).
+    every other row the sequence owns (``owned_rows``; ``num_tokens`` is L, or T packed).
     ``Y`` is contiguous (strides ``sy_b``, ``sy_t``, 1); ``MEAN``/``RSTD`` are ``[B, D]``.
     Grid: ``(B, cdiv(D, BLOCK_D))``.
     """
@@ -582,14 +557,14 @@ def _masked_instance_norm_fwd_kernel(
     xb = X + b * stride_b
     dx_off = d.to(tl.int64)[None, :] * stride_d
     # Per-tile statistics merged into running (n, mean, M2) (Chan et al.).
-    n = _acc(tl.zeros([BLOCK_D], tl.float32), IS_FP64)
-    mean = _acc(tl.zeros([BLOCK_D], tl.float32), IS_FP64)
-    m2 = _acc(tl.zeros([BLOCK_D], tl.float32), IS_FP64)
+    n = to_acc(tl.zeros([BLOCK_D], tl.float32), IS_FP64)
+    mean = to_acc(tl.zeros([BLOCK_D], tl.float32), IS_FP64)
+    m2 = to_acc(tl.zeros([BLOCK_D], tl.float32), IS_FP64)
     for t0 in range(s, e, BLOCK_T):
         t = t0 + toks
-        valid = _valid_tokens(t, s, e, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
+        valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, (t >= s) & (t < e), HAS_MASK)
         m2d = valid[:, None] & dmask[None, :]
-        x = _acc(tl.load(xb + t[:, None] * stride_t + dx_off, mask=m2d, other=0.0), IS_FP64)
+        x = to_acc(tl.load(xb + t[:, None] * stride_t + dx_off, mask=m2d, other=0.0), IS_FP64)
         cnt = tl.sum(valid.to(tl.int32), 0)
         cmean = tl.sum(x, 0) / tl.maximum(cnt, 1)
         dev = tl.where(m2d, x - cmean[None, :], 0.0)
@@ -604,22 +579,17 @@ def _masked_instance_norm_fwd_kernel(
     tl.store(RSTD + b * D + d, rstd, mask=dmask)
     scale = rstd
     if HAS_W:
-        scale = scale * _acc(tl.load(W + d, mask=dmask, other=0.0), IS_FP64)
-    shift = _acc(tl.zeros([BLOCK_D], tl.float32), IS_FP64)
+        scale = scale * to_acc(tl.load(W + d, mask=dmask, other=0.0), IS_FP64)
+    shift = to_acc(tl.zeros([BLOCK_D], tl.float32), IS_FP64)
     if HAS_B:
-        shift = _acc(tl.load(Bb + d, mask=dmask, other=0.0), IS_FP64)
-    if PACKED:
-        lo = s
-        hi = e
-    else:
-        lo = s * 0
-        hi = lo + out_len
+        shift = to_acc(tl.load(Bb + d, mask=dmask, other=0.0), IS_FP64)
+    lo, hi = owned_rows(s, e, b, num_tokens, PACKED)
     yb = Y + b * sy_b
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + toks
-        valid = _valid_tokens(t, s, e, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
+        valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, (t >= s) & (t < e), HAS_MASK)
         m2d = valid[:, None] & dmask[None, :]
-        x = _acc(tl.load(xb + t[:, None] * stride_t + dx_off, mask=m2d, other=0.0), IS_FP64)
+        x = to_acc(tl.load(xb + t[:, None] * stride_t + dx_off, mask=m2d, other=0.0), IS_FP64)
         # (x - mean) first: folding mean into the shift cancels badly when rstd is large.
         y = tl.where(m2d, (x - mean[None, :]) * scale[None, :] + shift[None, :], 0.0)
         tl.store(yb + t[:, None] * sy_t + d[None, :], cast_to(y, Y.dtype.element_ty),
@@ -630,7 +600,7 @@ def _masked_instance_norm_fwd_kernel(
 def _masked_instance_norm_bwd_kernel(
     G, X, W, MEAN, RSTD, DX, DWP, DBP,
     start_ptr, end_ptr, mask_ptr, stride_mb, stride_ml, stride_b, stride_t, stride_d,
-    sg_b, sg_t, sg_d, D, out_len, sdx_b, sdx_t,
+    sg_b, sg_t, sg_d, D, num_tokens, sdx_b, sdx_t,
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, HAS_W: tl.constexpr,
     IS_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -652,15 +622,15 @@ def _masked_instance_norm_bwd_kernel(
     mean = tl.load(MEAN + b * D + d, mask=dmask, other=0.0)
     rstd = tl.load(RSTD + b * D + d, mask=dmask, other=0.0)
     # 2-D accumulators, reduced once after the loop.
-    acc_g = _acc(tl.zeros([BLOCK_T, BLOCK_D], tl.float32), IS_FP64)
-    acc_gx = _acc(tl.zeros([BLOCK_T, BLOCK_D], tl.float32), IS_FP64)
+    acc_g = to_acc(tl.zeros([BLOCK_T, BLOCK_D], tl.float32), IS_FP64)
+    acc_gx = to_acc(tl.zeros([BLOCK_T, BLOCK_D], tl.float32), IS_FP64)
     acc_n = tl.zeros([BLOCK_T], tl.int32)
     for t0 in range(s, e, BLOCK_T):
         t = t0 + toks
-        valid = _valid_tokens(t, s, e, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
+        valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, (t >= s) & (t < e), HAS_MASK)
         m2d = valid[:, None] & dmask[None, :]
-        x = _acc(tl.load(xb + t[:, None] * stride_t + x_off, mask=m2d, other=0.0), IS_FP64)
-        g = _acc(tl.load(gb + t[:, None] * sg_t + g_off, mask=m2d, other=0.0), IS_FP64)
+        x = to_acc(tl.load(xb + t[:, None] * stride_t + x_off, mask=m2d, other=0.0), IS_FP64)
+        g = to_acc(tl.load(gb + t[:, None] * sg_t + g_off, mask=m2d, other=0.0), IS_FP64)
         xhat = tl.where(m2d, (x - mean[None, :]) * rstd[None, :], 0.0)
         acc_g += g
         acc_gx += g * xhat
@@ -670,50 +640,24 @@ def _masked_instance_norm_bwd_kernel(
     n = tl.maximum(tl.sum(acc_n, 0), 1)
     tl.store(DWP + b * D + d, s_gx, mask=dmask)
     tl.store(DBP + b * D + d, s_g, mask=dmask)
-    w = _acc(tl.full([BLOCK_D], 1.0, tl.float32), IS_FP64)
+    w = to_acc(tl.full([BLOCK_D], 1.0, tl.float32), IS_FP64)
     if HAS_W:
-        w = _acc(tl.load(W + d, mask=dmask, other=0.0), IS_FP64)
+        w = to_acc(tl.load(W + d, mask=dmask, other=0.0), IS_FP64)
     a = w * s_g / n
     c = w * s_gx / n
-    if PACKED:
-        lo = s
-        hi = e
-    else:
-        lo = s * 0
-        hi = lo + out_len
+    lo, hi = owned_rows(s, e, b, num_tokens, PACKED)
     dxb = DX + b * sdx_b
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + toks
-        valid = _valid_tokens(t, s, e, b, mask_ptr, stride_mb, stride_ml, HAS_MASK)
+        valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, (t >= s) & (t < e), HAS_MASK)
         m2d = valid[:, None] & dmask[None, :]
-        x = _acc(tl.load(xb + t[:, None] * stride_t + x_off, mask=m2d, other=0.0), IS_FP64)
-        g = _acc(tl.load(gb + t[:, None] * sg_t + g_off, mask=m2d, other=0.0), IS_FP64)
+        x = to_acc(tl.load(xb + t[:, None] * stride_t + x_off, mask=m2d, other=0.0), IS_FP64)
+        g = to_acc(tl.load(gb + t[:, None] * sg_t + g_off, mask=m2d, other=0.0), IS_FP64)
         xhat = (x - mean[None, :]) * rstd[None, :]
         dx = rstd[None, :] * (w[None, :] * g - a[None, :] - xhat * c[None, :])
         dx = tl.where(m2d, dx, 0.0)
         tl.store(dxb + t[:, None] * sdx_t + d[None, :], cast_to(dx, DX.dtype.element_ty),
                  mask=(t < hi)[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _zero_uncovered_rows_kernel(Y, start_ptr, end_ptr, nbatch, num_tokens, D,
-                                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Packed input: zeroes rows ``[0, cu[0])`` and ``[cu[B], T)`` of contiguous ``Y [T, D]``,
-    which no sequence covers (only possible when ``cu_seqlens`` was not validated, e.g. while
-    tracing). Grid: ``(cdiv(D, BLOCK_D),)``."""
-    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = d < D
-    toks = tl.arange(0, BLOCK_T)
-    first = tl.load(start_ptr)
-    last = tl.load(end_ptr + nbatch - 1)
-    zero = tl.zeros([BLOCK_T, BLOCK_D], tl.float32).to(Y.dtype.element_ty)
-    for t0 in range(first * 0, first, BLOCK_T):
-        t = t0 + toks
-        tl.store(Y + t[:, None] * D + d[None, :], zero, mask=(t < first)[:, None] & dmask[None, :])
-    for t0 in range(last, last * 0 + num_tokens, BLOCK_T):
-        t = t0 + toks
-        tl.store(Y + t[:, None] * D + d[None, :], zero,
-                 mask=(t < num_tokens)[:, None] & dmask[None, :])
 
 
 def _masked_config(d: int, dtype: torch.dtype) -> dict:
@@ -725,15 +669,6 @@ def _masked_config(d: int, dtype: torch.dtype) -> dict:
     block_d = max(16, min(128, triton.next_power_of_2(d)))
     elems = 2048 if dtype == torch.float64 else 4096
     return {"BLOCK_T": max(8, elems // block_d), "BLOCK_D": block_d, "num_warps": 8}
-
-
-def _zero_uncovered(y: Tensor, sq, cu_seqlens: Tensor | None) -> None:
-    if cu_seqlens is None or y.shape[0] == 0:
-        return
-    cfg = {"BLOCK_T": 4 if INTERPRET else 32, "BLOCK_D": max(16, min(128, y.shape[1]))}
-    cfg["BLOCK_D"] = triton.next_power_of_2(cfg["BLOCK_D"])
-    _zero_uncovered_rows_kernel[(triton.cdiv(y.shape[1], cfg["BLOCK_D"]),)](
-        y, sq.start, sq.end, sq.batch, y.shape[0], y.shape[1], **cfg)
 
 
 def masked_instance_norm(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
@@ -752,17 +687,16 @@ def masked_instance_norm(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | No
     if sq.batch == 0:
         return y.zero_(), mean, rstd
     packed = cu_seqlens is not None
-    out_len = 0 if packed else x.shape[1]
+    num_tokens = x.shape[0] if packed else x.shape[1]
     cfg = _masked_config(d, x.dtype)
     eps_hi, eps_lo = _eps_pair(eps)
     _masked_instance_norm_fwd_kernel[(sq.batch, triton.cdiv(d, cfg["BLOCK_D"]))](
         x, y, dummy(dev) if weight is None else _vec(weight),
         dummy(dev) if bias is None else _vec(bias),
-        mean, rstd, *sq.kernel_args(), d, out_len, 0 if packed else y.stride(0), y.stride(-2),
+        mean, rstd, *sq.kernel_args(), d, num_tokens, 0 if packed else y.stride(0), y.stride(-2),
         eps_hi, eps_lo, HAS_MASK=sq.has_mask, PACKED=packed, HAS_W=weight is not None,
         HAS_B=bias is not None, IS_FP64=x.dtype == torch.float64, **cfg,
     )
-    _zero_uncovered(y, sq, cu_seqlens)
     return y, mean, rstd
 
 
@@ -780,19 +714,18 @@ def masked_instance_norm_backward(grad: Tensor, x: Tensor, mask: Tensor | None,
         zeros = torch.zeros(d, dtype=acc, device=dev)
         return (gx.zero_(), _param_grad(zeros, weight, x), _param_grad(zeros, bias, x))
     packed = cu_seqlens is not None
-    out_len = 0 if packed else x.shape[1]
+    num_tokens = x.shape[0] if packed else x.shape[1]
     cfg = _masked_config(d, x.dtype)
     dwp = torch.empty(sq.batch, d, dtype=acc, device=dev)
     dbp = torch.empty(sq.batch, d, dtype=acc, device=dev)
     sg = grad.stride()
     _masked_instance_norm_bwd_kernel[(sq.batch, triton.cdiv(d, cfg["BLOCK_D"]))](
         grad, x, dummy(dev) if weight is None else _vec(weight), _vec(mean), _vec(rstd),
-        gx, dwp, dbp, *sq.kernel_args(), 0 if packed else sg[0], sg[-2], sg[-1], d, out_len,
+        gx, dwp, dbp, *sq.kernel_args(), 0 if packed else sg[0], sg[-2], sg[-1], d, num_tokens,
         0 if packed else gx.stride(0), gx.stride(-2),
         HAS_MASK=sq.has_mask, PACKED=packed, HAS_W=weight is not None,
         IS_FP64=x.dtype == torch.float64, **cfg,
     )
-    _zero_uncovered(gx, sq, cu_seqlens)
     return gx, _param_grad(dwp.sum(0), weight, x), _param_grad(dbp.sum(0), bias, x)
 
 

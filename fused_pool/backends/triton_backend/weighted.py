@@ -1,6 +1,6 @@
 """Triton kernels for attention pooling and the weighted-layer ops.
 
-Formulas are those of ``fused_pool/backends/reference.py``; shapes and conventions those of
+Formulas are those of ``backends/reference/weighted.py``; shapes and conventions those of
 ``fused_pool/_schema.py``. Every kernel accumulates in float32 (float64 for float64 input, via the
 ``IS_FP64`` constexpr), reads each valid token's row once, never loads padding, uses the inputs'
 strides and 64-bit offsets, and launches a grid that depends on shapes only (no host sync).
@@ -52,20 +52,18 @@ Weighted layers: how N tensors reach one kernel
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, acc_dtype, block_d, cast_to, dummy, seqs
+from ..._schema import acc_dtype
+from . import _layout
+from ._layout import INTERPRET, block_d, cast_to, dummy, num_sms, owned_rows, seqs, token_valid
 
 #: Layers per launch (see the module docstring).
 MAX_LAYERS = 64
 
-#: Force the token split of the attention / weighted-mean kernels (tests); None: heuristic.
-FORCE_SPLIT: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,23 +71,16 @@ FORCE_SPLIT: int | None = None
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split(device: torch.device, programs: int, tokens: int, block_t: int,
            min_tokens: int = 128) -> int:
     """How many token chunks per sequence: enough programs for ~4 waves of the GPU, each chunk
     at least ``min_tokens`` tokens (fewer would make merging the chunks' partial results cost
     more than it saves); 1 when interpreting."""
-    if FORCE_SPLIT is not None:
-        return FORCE_SPLIT
+    if _layout.FORCE_SPLIT is not None:
+        return _layout.FORCE_SPLIT
     if INTERPRET or programs <= 0:
         return 1
-    want = triton.cdiv(4 * _num_sms(device), programs)
+    want = triton.cdiv(4 * num_sms(device), programs)
     most = max(1, tokens // max(min_tokens, block_t))
     return max(1, min(want, most, 64))
 
@@ -275,21 +266,14 @@ def attention_pool(
 def _token_range(start_ptr, end_ptr, b, NUM_TOKENS, split,
                  PACKED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr):
     """The rows ``[lo, hi)`` of sequence b's gradient that chunk ``split`` of SPLIT writes
-    (padded layout: all L rows, packed: the sequence's own), and ``[vstart, vend)``, the
-    sequence's tokens. Chunks are whole tiles, so that no tile straddles two programs.
-
-    Packed: the first / last sequence also own the rows before / after every sequence, so a
-    ``cu_seqlens`` that does not cover ``[0, T)`` (not checked while tracing) still gets a
-    fully written gradient (zeros there), never uninitialized memory."""
+    (``_layout.owned_rows``), and ``[vstart, vend)``, the sequence's tokens. Chunks are whole
+    tiles, so that no tile straddles two programs."""
     vend = tl.load(end_ptr + b)
     if PACKED:
         vstart = tl.load(start_ptr + b)
-        lo = tl.where(b == 0, 0, vstart)
-        hi = tl.where(b == tl.num_programs(0) - 1, NUM_TOKENS, vend)
     else:
         vstart = tl.zeros([], tl.int64)
-        lo = vstart
-        hi = lo + NUM_TOKENS
+    lo, hi = owned_rows(vstart, vend, b, NUM_TOKENS, PACKED)
     if SPLIT > 1:
         chunk = tl.cdiv(tl.cdiv(hi - lo, SPLIT), BLOCK_T) * BLOCK_T
         lo = lo + split * chunk
@@ -298,14 +282,12 @@ def _token_range(start_ptr, end_ptr, b, NUM_TOKENS, split,
 
 
 @triton.jit
-def _valid_tokens(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
-                  HAS_MASK: tl.constexpr):
-    """``(inside, valid)`` for token rows t: inside the range, and a valid token."""
+def _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
+                      HAS_MASK: tl.constexpr):
+    """``(inside, valid)`` for token rows t: inside the written range, and a valid token."""
     inside = t < hi
-    valid = inside & (t >= vstart) & (t < vend)
-    if HAS_MASK:
-        mv = tl.load(mask_ptr + b * stride_mb + t * stride_ml, mask=valid, other=0)
-        valid = valid & (mv != 0)
+    valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml,
+                        inside & (t >= vstart) & (t < vend), HAS_MASK)
     return inside, valid
 
 
@@ -337,7 +319,7 @@ def _attention_pool_bwd_kernel(
     c_base = c_ptr + b * stride_cb + h
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        inside, valid = _valid_tokens(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
+        inside, valid = _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
                                        HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         p = tl.where(valid, tl.exp(s - lse), 0.0).to(acc_ty)
@@ -379,14 +361,14 @@ def _attention_pool_bwd_scores_kernel(
     delta = tl.sum(tl.zeros([BLOCK_T], acc_ty), 0)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        inside, valid = _valid_tokens(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
+        inside, valid = _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
                                        HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         c = tl.load(c_base + t * stride_ct, mask=valid, other=0)
         delta += tl.sum(tl.where(valid, tl.exp(s - lse) * c, 0.0), 0)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        inside, valid = _valid_tokens(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
+        inside, valid = _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
                                        HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         c = tl.load(c_base + t * stride_ct, mask=valid, other=0)

@@ -1,5 +1,5 @@
 """Triton kernels of the selection/mean pools: masked mean, max/min, k-max, mean+max, and their
-backwards (formulas: ``fused_pool/backends/reference.py``; layout: ``_common.py``).
+backwards (formulas: ``backends/reference/pool.py``; token layout: ``_layout.py``).
 
 Forward pools (``_pool_fwd_kernel``) run a grid ``(B, cdiv(D, BLOCK_D), SPLIT)``: program
 ``(b, j, s)`` reads tile after tile of ``[BLOCK_T, BLOCK_D]`` of the ``s``-th of ``SPLIT`` equal
@@ -12,9 +12,9 @@ alone gives too few programs to fill the GPU.
 Backwards (``_pool_bwd_kernel``) write every element of ``grad_x``, zeros included, in one
 pass (each element once, except the few indexed ones of the scatter strategy), over a grid
 ``(B, cdiv(D, BLOCK_D), SPLIT)`` in which program ``(b, j, s)`` owns the ``s``-th chunk of
-sequence ``b``'s rows: ``0 .. L-1`` for padded input, ``cu[b] .. cu[b+1]-1`` for packed input
-(every row of ``T`` belongs to exactly one sequence, so the rows are covered without knowing
-the lengths on the host).
+sequence ``b``'s rows (``_layout.owned_rows``: ``0 .. L-1`` for padded input, ``cu[b] ..
+cu[b+1]-1`` for packed input, the first / last sequence also owning any rows outside every
+sequence), so the rows are covered without knowing the lengths on the host.
 
 k-max (``_kmax_fwd_kernel`` for ``k <= 16``, ``_kmax_select_kernel`` above) runs a grid
 ``(B, cdiv(D, BLOCK_D))``; see the kernels for the two algorithms.
@@ -26,14 +26,25 @@ tokens), while all addresses are int64 (tensors may exceed 2^31 elements).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, acc_dtype, block_d, cast_to, dummy, seqs
+from ..._schema import acc_dtype, batch_size, grad_x_shape
+from . import _layout
+from ._layout import (
+    INTERPRET,
+    block_d,
+    cast_to,
+    dummy,
+    mask_view,
+    num_sms,
+    owned_rows,
+    seqs,
+    to_acc,
+    token_valid,
+)
 
 # k up to this uses the streaming register top-k; larger k uses threshold selection.
 SMALL_K = 16
@@ -41,31 +52,11 @@ SMALL_K = 16
 # them (one store per element); more indices zero-fill first, then scatter (see the kernel).
 PICK_MAX_K = 4
 # Tests set this to force an L-split (the interpreter never picks one on its own).
-FORCE_SPLIT: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------
 # Small shared pieces
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _to_acc(v, IS_FP64: tl.constexpr):
-    """float64 stays float64; every other float type is widened to float32."""
-    if IS_FP64:
-        return v.to(tl.float64)
-    else:
-        return v.to(tl.float32)
-
-
-@triton.jit
-def _row_valid(mask_ptr, b, t, stride_mb, stride_ml, in_range, HAS_MASK: tl.constexpr):
-    """``in_range & mask[b, t]`` (uint8 mask), loading only rows in range."""
-    if HAS_MASK:
-        m = tl.load(mask_ptr + b * stride_mb + t * stride_ml, mask=in_range, other=0)
-        return tl.where(in_range, m != 0, False)
-    else:
-        return in_range
 
 
 @triton.jit
@@ -124,15 +115,15 @@ def _pool_fwd_kernel(
 
     # Row lane r of the tile sees tokens t0 + r in order and keeps its own running sum and
     # extremum; the lanes are folded once at the end, so the loop has no cross-thread reduction.
-    lane_sum = _to_acc(tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32), IS_FP64)
+    lane_sum = to_acc(tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32), IS_FP64)
     lane_best = lane_sum - float("inf")  # NaN once the lane saw a NaN
     lane_pos = tl.full([BLOCK_T, BLOCK_D], -1, dtype=tl.int32)  # position in the sequence
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + rows
-        valid = _row_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
+        valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
         m2 = valid[:, None] & dmask[None, :]
         v = tl.load(x_base + t[:, None] * stride_t + col[None, :], mask=m2, other=0.0)
-        v = _to_acc(v, IS_FP64)
+        v = to_acc(v, IS_FP64)
         if MEAN:
             lane_sum += v
         if EXT:
@@ -184,7 +175,7 @@ def _store_pool(total, best, best_idx, count, b, offs_d, dmask,
                 IS_FP64: tl.constexpr):
     """Final outputs: ``total / max(count, 1)``; the extremum (0 and -1 when empty)."""
     if MEAN:
-        n = _to_acc(tl.maximum(count, 1), IS_FP64)
+        n = to_acc(tl.maximum(count, 1), IS_FP64)
         mean = total / n
         mean = cast_to(mean, sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + b * stride_sb + offs_d, mean, mask=dmask)
@@ -210,7 +201,7 @@ def _pool_combine_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    total = _to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
+    total = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
     best = total - float("inf")
     best_idx = tl.full([BLOCK_D], -1, dtype=tl.int64)
     for s in range(0, n_split):
@@ -264,45 +255,41 @@ def _pool_bwd_kernel(
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     if PACKED:
-        # Clamped to [0, T], and the first / last sequence also own the rows before / after all
-        # sequences: cu_seqlens that does not cover [0, T) (its values are not checked while
-        # tracing) still gives a fully written gradient, never a write out of bounds.
+        # Clamped to [0, T]: cu_seqlens is not checked while tracing, and a bad offset must not
+        # become a write out of bounds.
         seq_lo = tl.minimum(tl.maximum(tl.load(cu_ptr + b).to(tl.int64), 0), num_tokens)
         seq_hi = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1).to(tl.int64), seq_lo), num_tokens)
-        rows_lo = tl.where(b == 0, 0, seq_lo)
-        rows_hi = tl.where(b == tl.num_programs(0) - 1, num_tokens, seq_hi)
     else:
         seq_lo = b * 0
         seq_hi = seq_lo + num_tokens
-        rows_lo = seq_lo
-        rows_hi = seq_hi
+    rows_lo, rows_hi = owned_rows(seq_lo, seq_hi, b, num_tokens, PACKED)
     lo, hi = _chunk(rows_lo, rows_hi, s, tl.num_programs(2))
     gx_base = gx_ptr + b * stride_gxb
     out_ty = gx_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_T)
 
-    gmean = _to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
+    gmean = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
     if MEAN:
         if HAS_MASK:
             n = tl.load(count_ptr + b)
         else:
             n = seq_hi - seq_lo
-        g = _to_acc(tl.load(gmean_ptr + b * stride_gmb + offs_d, mask=dmask, other=0.0), IS_FP64)
-        gmean = g / _to_acc(tl.maximum(n, 1), IS_FP64)
-        gmean = _to_acc(cast_to(gmean, out_ty), IS_FP64)
+        g = to_acc(tl.load(gmean_ptr + b * stride_gmb + offs_d, mask=dmask, other=0.0), IS_FP64)
+        gmean = g / to_acc(tl.maximum(n, 1), IS_FP64)
+        gmean = to_acc(cast_to(gmean, out_ty), IS_FP64)
     gsel_base = gsel_ptr + b * stride_gsb + offs_d
     idx_base = idx_ptr + b * stride_ib + offs_d.to(tl.int64) * stride_id
     if PICK_ONE:  # K == 1 (max/min, mean+max): the index and gradient stay in registers
         idx1 = tl.load(idx_base, mask=dmask, other=-1)
-        g1 = _to_acc(tl.load(gsel_base, mask=dmask, other=0.0), IS_FP64)
+        g1 = to_acc(tl.load(gsel_base, mask=dmask, other=0.0), IS_FP64)
 
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + rows
         in_range = t < hi
         tile = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        tile = _to_acc(tile, IS_FP64)
+        tile = to_acc(tile, IS_FP64)
         if MEAN:
-            valid = _row_valid(mask_ptr, b, t, stride_mb, stride_ml, in_range, HAS_MASK)
+            valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, in_range, HAS_MASK)
             if PACKED:
                 valid = valid & (t >= seq_lo) & (t < seq_hi)
             tile = tl.where(valid[:, None], gmean[None, :], tile)
@@ -317,7 +304,7 @@ def _pool_bwd_kernel(
                     k64 = b * 0 + k  # as int64: k * D may pass 2^31 (a [K, D] slab that large)
                     i = tl.load(idx_base + k64 * stride_ik, mask=dmask, other=-1)
                     g = tl.load(gsel_base + k64 * stride_gsk, mask=dmask, other=0.0)
-                    tile += tl.where(pos == i[None, :], _to_acc(g, IS_FP64)[None, :], 0.0)
+                    tile += tl.where(pos == i[None, :], to_acc(g, IS_FP64)[None, :], 0.0)
         ptrs = gx_base + t[:, None] * stride_gxt + offs_d[None, :]
         tile = cast_to(tile, out_ty)
         tl.store(ptrs, tile, mask=in_range[:, None] & dmask[None, :])
@@ -396,24 +383,24 @@ def _kmax_fwd_kernel(
     rows = tl.arange(0, BLOCK_T)
     slot = tl.arange(0, K_PAD)[:, None]
 
-    cand = _to_acc(tl.zeros([K_PAD, BLOCK_D], dtype=tl.float32), IS_FP64)
+    cand = to_acc(tl.zeros([K_PAD, BLOCK_D], dtype=tl.float32), IS_FP64)
     cidx = tl.full([K_PAD, BLOCK_D], -1, dtype=tl.int64)
-    worst = _to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
+    worst = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
     worst_idx = tl.full([BLOCK_D], -1, dtype=tl.int64)
     n_filled = lo * 0
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + rows
-        valid = _row_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
+        valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
         m2 = valid[:, None] & dmask[None, :]
-        v = _to_acc(tl.load(x_base + t[:, None] * stride_t + col[None, :], mask=m2, other=0.0),
+        v = to_acc(tl.load(x_base + t[:, None] * stride_t + col[None, :], mask=m2, other=0.0),
                     IS_FP64)
         beats = (v > worst[None, :]) | ((v != v) & (worst == worst)[None, :])
         n_hits = tl.sum(tl.sum((m2 & beats).to(tl.int32), axis=1), axis=0)
         if (n_filled < K) | (n_hits > 0):
             for r in range(0, BLOCK_T):
                 tr = t0 + r
-                ok = _row_valid(mask_ptr, b, tr, stride_mb, stride_ml, tr < hi, HAS_MASK)
-                row = _to_acc(tl.load(x_base + tr * stride_t + col, mask=_and(ok, dmask),
+                ok = token_valid(mask_ptr, b, tr, stride_mb, stride_ml, tr < hi, HAS_MASK)
+                row = to_acc(tl.load(x_base + tr * stride_t + col, mask=_and(ok, dmask),
                                       other=0.0), IS_FP64)
                 fill = _and(ok, n_filled < K)
                 enter = _and(_and(ok, n_filled >= K),
@@ -452,9 +439,9 @@ def _count_keys(x_base, col, dmask, mask_ptr, b, stride_mb, stride_ml, stride_t,
     rows = tl.arange(0, BLOCK_T)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + rows
-        valid = _row_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
+        valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
         m2 = valid[:, None] & dmask[None, :]
-        v = _to_acc(tl.load(x_base + t[:, None] * stride_t + col[None, :], mask=m2, other=0.0),
+        v = to_acc(tl.load(x_base + t[:, None] * stride_t + col[None, :], mask=m2, other=0.0),
                     IS_FP64)
         key = _rank_key(v, IS_FP64)
         if strict:
@@ -511,10 +498,10 @@ def _kmax_select_kernel(
     pos = tl.zeros([BLOCK_D], dtype=tl.int64)
     ties = tl.zeros([BLOCK_D], dtype=tl.int64)
     for t in range(lo, hi):
-        ok = _row_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
+        ok = token_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
         m = _and(ok, dmask)
         raw = tl.load(x_base + t * stride_t + col, mask=m, other=0.0)
-        key = _rank_key(_to_acc(raw, IS_FP64), IS_FP64)
+        key = _rank_key(to_acc(raw, IS_FP64), IS_FP64)
         tie = m & (key == thr)
         sel = m & ((key > thr) | (tie & (ties < quota)))
         ties += tie.to(tl.int64)
@@ -535,11 +522,6 @@ def _kmax_select_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _stream_config(x: Tensor, b: int, d: int, tokens_per_seq: int) -> tuple[int, int, int, int]:
     """``(BLOCK_T, BLOCK_D, SPLIT, num_warps)`` of the streaming pool kernels.
 
@@ -549,18 +531,18 @@ def _stream_config(x: Tensor, b: int, d: int, tokens_per_seq: int) -> tuple[int,
     split into ``SPLIT`` chunks, each still at least 8 tiles long. Under the interpreter every
     program costs ~25 ms: one program per sequence (up to 1024 features), no split.
     """
+    forced = _layout.FORCE_SPLIT
     if INTERPRET or x.device.type != "cuda":
-        split = FORCE_SPLIT or 1
-        return 8, block_d(d), split, 1
+        return 8, block_d(d), 1 if forced is None else forced, 1
     bd = block_d(d, cap=max(16, 1024 // x.element_size()))
     block_t = 8
     programs = b * triton.cdiv(d, bd)
-    target = 8 * _num_sms(x.device.index if x.device.index is not None else 0)
+    target = 8 * num_sms(x.device)
     split = 1
     if programs < target:
         split = min(triton.cdiv(target, programs), max(1, tokens_per_seq // (8 * block_t)), 64)
-    if FORCE_SPLIT:
-        split = FORCE_SPLIT
+    if forced is not None:
+        split = forced
     return block_t, bd, split, 4
 
 
@@ -570,13 +552,6 @@ def _kmax_config(x: Tensor, d: int) -> tuple[int, int, int]:
     if INTERPRET or x.device.type != "cuda":
         return 16, block_d(d), 1
     return 16, 64, 2
-
-
-def _mask_u8(mask: Tensor | None, device) -> tuple[Tensor, int, int]:
-    if mask is None:
-        return dummy(device, torch.uint8), 0, 0
-    m = (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
-    return m, m.stride(0), m.stride(1)
 
 
 def _tokens_per_seq(x: Tensor, cu_seqlens: Tensor | None, b: int) -> int:
@@ -622,13 +597,9 @@ def _pool(x: Tensor, mask, cu_seqlens, mean: Tensor | None, val: Tensor | None,
         num_warps=warps, **flags)
 
 
-def _batch(x: Tensor, cu_seqlens: Tensor | None) -> int:
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-
-
 def masked_mean(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> Tensor:
     """``[B, D]``: ``sum_{t valid} x[b, t] / max(n_b, 1)``."""
-    b, d = _batch(x, cu_seqlens), x.shape[-1]
+    b, d = batch_size(x, cu_seqlens), x.shape[-1]
     out = torch.empty(b, d, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out.zero_()
@@ -639,7 +610,7 @@ def masked_mean(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> Te
 def masked_extremum(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
                     largest: bool) -> tuple[Tensor, Tensor]:
     """``([B, D] max (largest) or min, int64 [B, D] position within the sequence)``."""
-    b, d = _batch(x, cu_seqlens), x.shape[-1]
+    b, d = batch_size(x, cu_seqlens), x.shape[-1]
     val = torch.empty(b, d, dtype=x.dtype, device=x.device)
     idx = torch.empty(b, d, dtype=torch.int64, device=x.device)
     if x.numel() == 0:
@@ -651,7 +622,7 @@ def masked_extremum(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
 def masked_mean_max(x: Tensor, mask: Tensor | None,
                     cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(cat([mean, max], -1) [B, 2D], argmax int64 [B, D])`` from one read of ``x``."""
-    b, d = _batch(x, cu_seqlens), x.shape[-1]
+    b, d = batch_size(x, cu_seqlens), x.shape[-1]
     out = torch.empty(b, 2 * d, dtype=x.dtype, device=x.device)
     idx = torch.empty(b, d, dtype=torch.int64, device=x.device)
     if x.numel() == 0:
@@ -664,7 +635,7 @@ def masked_kmax(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
                 k: int) -> tuple[Tensor, Tensor]:
     """``(values [B, k, D], int64 positions [B, k, D])``: the k best valid tokens per feature in
     token order, then 0 / -1."""
-    b, d = _batch(x, cu_seqlens), x.shape[-1]
+    b, d = batch_size(x, cu_seqlens), x.shape[-1]
     val = torch.empty(b, k, d, dtype=x.dtype, device=x.device)
     idx = torch.empty(b, k, d, dtype=torch.int64, device=x.device)
     if x.numel() == 0 or k == 0:
@@ -690,12 +661,12 @@ def _backward(grad_x: Tensor, cu_seqlens: Tensor | None, num_tokens: int,
               mask: Tensor | None = None, gmean: Tensor | None = None,
               gsel: Tensor | None = None, indices: Tensor | None = None) -> Tensor:
     """Launches ``_pool_bwd_kernel`` writing all of ``grad_x`` (contiguous)."""
-    b = grad_x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    b = batch_size(grad_x, cu_seqlens)
     d = grad_x.shape[-1]
     if grad_x.numel() == 0:
         return grad_x
     dev = grad_x.device
-    m8, smb, sml = _mask_u8(mask, dev)
+    m8, smb, sml = mask_view(mask, dev)
     count = m8.sum(1) if (mask is not None and gmean is not None) else dummy(dev, torch.int64)
     per_seq = num_tokens if cu_seqlens is None else num_tokens // max(b, 1)
     block_t, bd, split, warps = _stream_config(grad_x, b, d, per_seq)
@@ -722,7 +693,7 @@ def _backward(grad_x: Tensor, cu_seqlens: Tensor | None, num_tokens: int,
 
 
 def _grad_x(grad: Tensor, cu_seqlens: Tensor | None, num_tokens: int, d: int) -> Tensor:
-    shape = (grad.shape[0], num_tokens, d) if cu_seqlens is None else (num_tokens, d)
+    shape = grad_x_shape(grad.shape[0], num_tokens, d, cu_seqlens is not None)
     return torch.empty(shape, dtype=grad.dtype, device=grad.device)
 
 
