@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
+import fused_pool as fp
+
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# SPEC: absolute floor added to 2x plain torch's own error.
+# The absolute floor added to 2x plain torch's own error (docs/testing.md).
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -82,7 +85,8 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_policy(out: torch.Tensor, ref64: torch.Tensor, ref_low: torch.Tensor,
                   dtype: torch.dtype, what: str = "output") -> None:
-    """SPEC policy: error vs float64 <= 2 x (plain torch's error in ``dtype``) + floor."""
+    """The correctness policy (docs/testing.md): error vs float64 <= 2 x (plain torch's error
+    in ``dtype``) + floor."""
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     err = max_err(out, ref64)
     base = max_err(ref_low, ref64)
@@ -99,3 +103,31 @@ def grads(fn, inputs, proj):
 
 def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.detach().to(dtype or t.dtype).requires_grad_(True)
+
+
+def assert_policy_grads(run, ref, inputs, dtype, what):
+    """Forward and every input gradient of ``run`` against ``ref`` (float64 and in ``dtype``)."""
+    ins = [leaf(t) for t in inputs]
+    poison(ins[0].device)
+    out = run(*ins)
+    assert out.dtype == dtype
+    assert_policy(out, ref(*[t.double() for t in inputs], torch.float64),
+                  ref(*inputs, dtype), dtype, what)
+    # The upstream gradient as the op sees it (rounded to its dtype), for every reference.
+    proj = rand(*out.shape, dtype=torch.float64, device=out.device).to(dtype)
+    got = torch.autograd.grad(out, ins, proj.to(dtype))
+
+    def ref_grads(dt):
+        r_in = [leaf(t, torch.float64 if dt == torch.float64 else None) for t in inputs]
+        r = ref(*r_in, dt)
+        return torch.autograd.grad(r, r_in, proj.to(r.dtype))
+
+    for i, (g, r, lo) in enumerate(zip(got, ref_grads(torch.float64), ref_grads(dtype))):
+        assert g.dtype == inputs[i].dtype, f"{what}: grad[{i}] dtype"
+        assert_policy(g, r, lo, dtype if inputs[i].dtype == dtype else inputs[i].dtype,
+                      f"{what} grad[{i}]")
+
+
+#: Marks the tests of Triton launchers and kernels (they skip where the backend is unavailable).
+needs_triton = pytest.mark.skipif("triton" not in fp.available_backends(),
+                                  reason="the triton backend is not available here")

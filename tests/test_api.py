@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import fused_pool as fp
 from fused_pool import _dispatch
-from fused_pool._schema import namespace
+from fused_pool._schema import FAMILIES, SCHEMAS
+from fused_pool.backends import BACKENDS
 
 from . import oracle
 from .helpers import leaf, make_mask, pack, rand
@@ -133,14 +134,35 @@ def test_triton_backend_is_available():
 def test_triton_backend_has_no_placeholders():
     """Every "triton" operator is a Triton launcher, never the torch reference in disguise."""
     try:
-        from fused_pool import triton as fp_triton
+        from fused_pool.backends import triton_backend
     except ImportError as exc:
         pytest.skip(f"Triton kernels not importable here: {exc}")
     from fused_pool.backends import reference
 
-    borrowed = [n for n, f in fp_triton.IMPLEMENTATIONS.items()
-                if f is getattr(reference, n, None) or f.__module__.endswith("reference")]
+    borrowed = [n for n, f in triton_backend.IMPLEMENTATIONS.items()
+                if f is reference.IMPLEMENTATIONS[n]
+                or f.__module__.startswith(reference.__name__)]
     assert not borrowed, f"these triton ops delegate to the reference: {borrowed}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_family_module_implements_exactly_its_family(backend):
+    """The layout rule: the ops of family F are implemented in ``backends/<backend>/F.py``
+    (``_schema.FAMILIES``), each module's table holds exactly its family's ops, and the
+    families cover every schema."""
+    import importlib
+
+    try:
+        package = importlib.import_module(BACKENDS[backend].module)
+    except ImportError as exc:
+        pytest.skip(f"{backend} kernels not importable here: {exc}")
+    assert sorted(n for ops in FAMILIES.values() for n in ops) == sorted(SCHEMAS)
+    for family, names in FAMILIES.items():
+        module = importlib.import_module(f"{package.__name__}.{family}")
+        assert sorted(module.IMPLEMENTATIONS) == sorted(names), f"{backend}/{family}.py"
+        for name, fn in module.IMPLEMENTATIONS.items():
+            assert fn.__module__ == module.__name__, f"{name} is not defined in {family}.py"
+    assert sorted(package.IMPLEMENTATIONS) == sorted(SCHEMAS)
 
 
 def test_set_and_use_backend():
@@ -237,7 +259,7 @@ def test_cpp_schemas_match_the_python_contract():
 
 
 def test_opcheck_every_forward_op(tgt):
-    ops = getattr(torch.ops, namespace(tgt.backend))
+    ops = getattr(torch.ops, BACKENDS[tgt.backend].namespace)
     seen = set()
     for name, args in _op_samples(tgt.device):
         torch.library.opcheck(getattr(ops, name), args)
@@ -247,7 +269,7 @@ def test_opcheck_every_forward_op(tgt):
 
 
 def test_opcheck_backward_ops(tgt):
-    ops = getattr(torch.ops, namespace(tgt.backend))
+    ops = getattr(torch.ops, BACKENDS[tgt.backend].namespace)
     dev = tgt.device
     mask = make_mask(3, 5, dev)
     g = rand(3, 6, device=dev)
