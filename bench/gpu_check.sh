@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: ONE call on a lent NVIDIA H200 machine (no network; torch, Triton, nvcc,
 # ninja, pytest and hypothesis preinstalled). Builds the C++/CUDA extension in place for sm_90,
-# runs the test suite on CUDA tensors, runs the benchmark at the SPEC's GPU shape, and prints a
+# runs the test suite on CUDA tensors, runs the benchmark at the GPU target shape
+# (docs/performance.md), and prints a
 # short summary last. Results and logs go to $OUT when set (the device tool's folder), else
 # bench/results/gpu_check/. Sized to finish in under 8 minutes; each step has its own timeout and
 # a failed step does not stop the later ones.

