@@ -148,10 +148,7 @@ def _attention_pool_fwd_kernel(
     acc = tl.zeros([BLOCK_D], acc_ty)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + offs_t
-        valid = t < hi
-        if HAS_MASK:
-            mv = tl.load(mask_ptr + b * stride_mb + t * stride_ml, mask=valid, other=0)
-            valid = valid & (mv != 0)
+        valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 0))
@@ -603,10 +600,7 @@ def _weighted_layer_mean_fwd_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_D], acc_ty)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + offs_t
-        valid = t < hi
-        if HAS_MASK:
-            mv = tl.load(mask_ptr + b * stride_mb + t * stride_ml, mask=valid, other=0)
-            valid = valid & (mv != 0)
+        valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, t < hi, HAS_MASK)
         msk = valid[:, None] & dmask[None, :]
         for i in tl.static_range(N):
             w = tl.load(wn_ptr + first + i)
@@ -692,10 +686,8 @@ def _weighted_layer_mean_bwd_kernel(
         for t0 in range(lo, hi, BLOCK_T):
             t = t0 + offs_t
             inside = t < hi
-            valid = inside & (t < vend)
-            if HAS_MASK:
-                mv = tl.load(mask_ptr + b * stride_mb + t * stride_ml, mask=valid, other=0)
-                valid = valid & (mv != 0)
+            valid = token_valid(mask_ptr, b, t, stride_mb, stride_ml, inside & (t < vend),
+                                HAS_MASK)
             ptr = layers[i] + b * stride_b[i] + t[:, None] * stride_l[i] + d[None, :] * stride_d[i]
             acc += tl.load(ptr, mask=valid[:, None] & dmask[None, :], other=0).to(acc_ty)
             gv = tl.where(valid[:, None], gi[None, :], 0.0)
