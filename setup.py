@@ -30,6 +30,7 @@ no GPU visible the architectures torch itself was built for. Without CUDA the bu
 CPU-only one.
 """
 
+import glob
 import importlib.util
 import os
 import shutil
@@ -61,6 +62,9 @@ class BuildPyWithSources(build_py):
 
     def run(self):
         super().run()
+        if not self.distribution.ext_modules:  # a _C left in build/lib by an earlier build
+            for stale in glob.glob(os.path.join(self.build_lib, "fused_pool", "_C.*")):
+                os.remove(stale)
         csrc = os.path.join(ROOT, "csrc")
         if getattr(self, "editable_mode", False) or not os.path.isdir(csrc):
             return  # an editable install finds csrc/ beside the package
