@@ -56,6 +56,13 @@ def _kernel_lines() -> list[str]:
     elif path:
         lines.append(f"kernels: none loaded; build folder {path}")
     lines += [f"note: {note}" for note in state["notes"]]
+    import torch
+
+    from . import _dispatch
+
+    probe = _dispatch.probe("cpp")
+    if probe.ok and "cuda" not in probe.devices and torch.cuda.is_available():
+        lines.append("note: these kernels have no CUDA kernels (CUDA tensors use another backend)")
     return lines
 
 
