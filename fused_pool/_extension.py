@@ -373,6 +373,15 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
+def _registered() -> bool:
+    """Whether the fused_pool_cpp operators are registered in this process already."""
+    import torch
+
+    from ._schema import SCHEMAS
+
+    return hasattr(torch.ops.fused_pool_cpp, next(iter(SCHEMAS)))
+
+
 def _load_library(path: str) -> None:
     import torch
 
@@ -407,8 +416,12 @@ def _build(csrc: str, cuda_srcs: list[str], allow_build: bool, retry_failed: boo
 
     STATE["path"] = where
     if cached():
-        _load_library(library)
-        return True, library
+        try:
+            _load_library(library)
+            return True, library
+        except OSError as exc:  # e.g. a library it links to changed: build it again
+            STATE["notes"].append(f"the cached build did not load ({exc}); building it again")
+            os.remove(os.path.join(where, OK_FILE))
     if not retry_failed and (why := failed_before()):
         return False, why
     if not allow_build:
@@ -417,7 +430,11 @@ def _build(csrc: str, cuda_srcs: list[str], allow_build: bool, retry_failed: boo
                        "FUSED_POOL_JIT=0 to build them on first use)")
     if why := _compiler_missing():
         return False, why
-    os.makedirs(where, exist_ok=True)
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError as exc:
+        return False, (f"cannot create the build folder {where} ({exc}): set "
+                       "FUSED_POOL_CACHE_DIR to a writable folder")
     with build_lock(where + ".lock"):
         if cached():  # another process built it while this one waited
             _load_library(library)
@@ -478,6 +495,8 @@ def load(allow_build: bool | None = None, retry_failed: bool = False,
     built at install, else the cached first-use build (built now unless ``allow_build`` is
     False; default: unless ``FUSED_POOL_JIT=0``). (True, where they come from) or (False, why
     not, with the fix)."""
+    if _registered():  # loading a second copy would abort the process (TORCH_LIBRARY twice)
+        return True, f"loaded already ({STATE['path']})"
     notes = STATE["notes"] = []
     try:
         module = importlib.import_module("fused_pool._C")

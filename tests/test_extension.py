@@ -183,3 +183,22 @@ def test_a_recorded_failure_is_reported_without_compiling_again(monkeypatch, tmp
     assert "no C++ compiler was found" in why and "python -m fused_pool build" in why
     ok, why = ext._build(csrc, [], allow_build=False, retry_failed=True, verbose=False)
     assert not ok and "python -m fused_pool build" in why and "not built" in why
+
+
+def test_an_unwritable_cache_folder_says_how_to_choose_another(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("FUSED_POOL_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    csrc = str(_fake_csrc(tmp_path / "csrc"))
+    monkeypatch.setattr(ext, "_compiler_missing", lambda: None)
+    ok, why = ext._build(csrc, [], allow_build=True, retry_failed=False, verbose=False)
+    assert not ok and "FUSED_POOL_CACHE_DIR" in why
+
+
+def test_loading_twice_never_registers_the_operators_twice():
+    import fused_pool as fp
+
+    ok, _ = fp.backend_status()["cpp"]
+    if not ok:
+        pytest.skip("the cpp backend is not available here")
+    ok, why = ext.load()  # a second copy would abort the process
+    assert ok and "loaded already" in why
