@@ -1,46 +1,117 @@
 """Build of fused_pool and its optional C++/CUDA extension ``fused_pool._C``.
 
-The extension is compiled from ``csrc/*.cpp`` and ``csrc/cpu/*.cpp`` (plus ``csrc/cuda/*.cu`` when
-torch has CUDA and ``nvcc`` is found) through ``torch.utils.cpp_extension`` with ninja. It is
-optional: with no sources, or when the compiler fails, the pure-Python package still installs and
-``fused_pool.backend_status()`` says why the ``"cpp"`` backend is unavailable.
+Two kinds of build, decided by whether torch can be imported here:
 
-Environment: ``FUSED_POOL_NO_EXT=1`` skips the extension; ``FUSED_POOL_REQUIRE_EXT=1`` makes a
-failed build an error (CI uses it so a broken kernel cannot hide); ``FUSED_POOL_CPU_FLAGS``
-replaces the default ``-march=native`` (see below).
+* torch importable (``pip install --no-build-isolation [-e] .``, as ``scripts/setup.sh`` does):
+  ``fused_pool._C`` is compiled from ``csrc/*.cpp`` and ``csrc/cpu/*.cpp`` (plus
+  ``csrc/cuda/*.cu`` when torch has CUDA and ``nvcc`` is found) through
+  ``torch.utils.cpp_extension`` with ninja, for that torch.
+* torch not importable (plain ``pip install .`` or ``python -m build``: pip's isolated build
+  environment, and pyproject.toml asks for no torch there, since it would not be the user's):
+  a pure-Python package. The wheel carries ``csrc/`` as ``fused_pool/_csrc/``, and the kernels
+  are compiled for the user's torch on first use or by ``python -m fused_pool build``
+  (``fused_pool/_extension.py``).
+
+Sources, compiler flags and the CUDA decision are written once, in ``fused_pool/_extension.py``
+(loaded here by path), and shared with that first-use build.
+
+The extension is optional: with no sources, or when the compiler fails, the pure-Python package
+still installs (and then builds on first use). Environment: ``FUSED_POOL_NO_EXT=1`` skips the
+extension; ``FUSED_POOL_REQUIRE_EXT=1`` makes a failed build an error (CI uses it so a broken
+kernel cannot hide); ``FUSED_POOL_CPU_FLAGS`` replaces the default ``-march=native``.
 
 CUDA: the kernels in ``csrc/cuda/*.cu`` are compiled (``CUDAExtension``) when torch was built
-with CUDA (``torch.version.cuda``) and ``nvcc`` is found (torch's ``CUDA_HOME``: the
-``CUDA_HOME`` variable, else the ``nvcc`` on ``PATH``); no GPU is needed to build.
-``FUSED_POOL_CUDA=1`` requires them (an error says what is missing), ``FUSED_POOL_CUDA=0`` builds
-the CPU kernels only. ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"9.0"``, ``"8.0;9.0+PTX"``) chooses the
-GPU architectures; unset, torch's default applies (the visible GPUs' architectures), and with no
-GPU visible the architectures torch itself was built for. Without CUDA the build is exactly the
+with CUDA (``torch.version.cuda``) and ``nvcc`` is found (the ``CUDA_HOME`` variable, else the
+toolkit of the ``nvcc`` on ``PATH``, also when that nvcc is a wrapper script); no GPU is needed to
+build. ``FUSED_POOL_CUDA=1`` requires them (an error says what is missing), ``FUSED_POOL_CUDA=0``
+builds the CPU kernels only. ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"9.0"``, ``"8.0;9.0+PTX"``) chooses
+the GPU architectures; unset, torch's default applies (the visible GPUs' architectures), and with
+no GPU visible the architectures torch itself was built for. Without CUDA the build is exactly the
 CPU-only one.
 """
 
 import glob
+import importlib.util
 import os
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+def _load_extension_helpers():
+    """fused_pool/_extension.py, by path: the flags live there, shared with the first-use build,
+    and importing the fused_pool package here would need torch."""
+    path = os.path.join(ROOT, "fused_pool", "_extension.py")
+    spec = importlib.util.spec_from_file_location("_fused_pool_extension_setup", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_ext = _load_extension_helpers()
+
+
+class BuildPyWithSources(build_py):
+    """Puts csrc/ into the wheel as fused_pool/_csrc/: the sources of the first-use build, for an
+    install whose build had no torch (or whose fused_pool._C does not load)."""
+
+    def run(self):
+        super().run()
+        if not self.distribution.ext_modules:  # a _C left in build/lib by an earlier build
+            for stale in glob.glob(os.path.join(self.build_lib, "fused_pool", "_C.*")):
+                os.remove(stale)
+        csrc = os.path.join(ROOT, "csrc")
+        if getattr(self, "editable_mode", False) or not os.path.isdir(csrc):
+            return  # an editable install finds csrc/ beside the package
+        target = os.path.join(self.build_lib, "fused_pool", "_csrc")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(csrc, target, ignore=shutil.ignore_patterns("*.o", "*.so"))
+
+
+def _torch_missing():
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
 
 
 def _extensions():
     if os.environ.get("FUSED_POOL_NO_EXT") == "1":
-        return [], {}
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    if not sources:
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+        return []
+    csrc = os.path.join(ROOT, "csrc")
+    if not _ext.cpp_sources(csrc):
+        return []
+    why = _torch_missing()
+    if why is not None:
+        # pip's default isolated build environment has no torch (pyproject.toml does not ask for
+        # one: it would be another torch than the user's). The C++ kernels are then built for the
+        # user's torch on first use (fused_pool/_extension.py).
+        print(f"fused_pool: torch is not importable here ({why}): building a pure-Python "
+              "package; its C++ kernels are compiled for the installed torch on first use, or by "
+              "`python -m fused_pool build`", file=sys.stderr)
+        return []
+    cuda_sources, missing = _ext.cuda_sources(csrc)  # resolves CUDA_HOME behind an nvcc wrapper
+    if missing and os.environ.get("FUSED_POOL_CUDA") == "1":
+        raise RuntimeError("FUSED_POOL_CUDA=1 but " + "; ".join(missing))
+    if cuda_sources:
+        _ext.default_cuda_arch_list()
+    options = _ext.extension_options(csrc, cuda_sources)
+    options["sources"] = [os.path.relpath(p, ROOT) for p in options["sources"]]
+    _ext.ensure_ninja_on_path()
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cuda_sources = _cuda_sources()
+    kind = CUDAExtension if cuda_sources else CppExtension
+    return [kind("fused_pool._C", **options)]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
 
     class OptionalBuildExtension(BuildExtension):
         def build_extension(self, ext):
@@ -62,111 +133,14 @@ def _extensions():
                     return
                 except Exception as exc:  # noqa: BLE001
                     error = exc
-            print(f"WARNING: fused_pool._C was not built ({error}); the 'cpp' backend will be "
-                  "unavailable", file=sys.stderr)
+            print(f"WARNING: fused_pool._C was not built ({error}); the 'cpp' backend will "
+                  "build its kernels on first use instead", file=sys.stderr)
 
-    # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp the
-    # kernels would run on one thread.
-    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    # The extension is built from source on the machine that runs it (pip install -e .), so by
-    # default it targets that CPU's vector units (AVX2/AVX-512 double the width of the pooling
-    # loops over SSE2). FUSED_POOL_CPU_FLAGS="" (or e.g. "-march=x86-64-v2") gives a portable
-    # build for another machine.
-    arch = os.environ.get("FUSED_POOL_CPU_FLAGS", "-march=native").split()
-    # -ffp-contract=off: no silent a*b+c fusion, so a value computed twice (once inside a
-    # reduction, once elementwise) rounds the same way both times.
-    cxx = ["-O3", _cxx_std(), "-ffp-contract=off", *arch, *openmp]
-    if not cuda_sources:
-        ext = CppExtension(
-            "fused_pool._C",
-            sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=openmp,
-        )
-    else:
-        from torch.utils.cpp_extension import CUDAExtension
-
-        _default_cuda_arch_list()
-        # Plain -O3, no --use_fast_math: fast math flushes denormals and uses approximate exp/log
-        # and division, which would break NaN/Inf propagation and the attention softmax's
-        # accuracy. -lineinfo maps profiler samples to source lines at no runtime cost. The C++
-        # standard is left to torch (it must match what its headers require).
-        nvcc = ["-O3", "-lineinfo"]
-        # The torch wheel ships headers its CUDA headers include (cusparse.h, ...) under
-        # site-packages/nvidia/*/include. -isystem puts them after nvcc's own toolkit headers.
-        for inc in _nvidia_wheel_includes():
-            nvcc += ["-isystem", inc]
-        ext = CUDAExtension(
-            "fused_pool._C",
-            sources + cuda_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=[("FUSED_POOL_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=openmp,
-        )
-    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+    return OptionalBuildExtension.with_options(use_ninja=True)
 
 
-def _cxx_std():
-    """C++17, or C++20 where torch's headers require it (torch >= 2.14 refuses C++17)."""
-    import torch
-
-    aten = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
-    try:
-        with open(aten) as f:
-            needs_20 = "C++20 or later" in f.read()
-    except OSError:
-        needs_20 = False
-    return "-std=c++20" if needs_20 else "-std=c++17"
-
-
-def _cuda_sources():
-    """csrc/cuda/*.cu when they should be built (see FUSED_POOL_CUDA above), else []."""
-    mode = os.environ.get("FUSED_POOL_CUDA", "")
-    if mode == "0":
-        return []
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    sources = _sources("csrc/cuda/*.cu")
-    missing = []
-    if not sources:
-        missing.append("there are no csrc/cuda/*.cu sources")
-    if torch.version.cuda is None:
-        missing.append(f"torch {torch.__version__} was built without CUDA")
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
-    if nvcc is None or not os.path.exists(nvcc):
-        missing.append("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
-    if missing:
-        if mode == "1":
-            raise RuntimeError("FUSED_POOL_CUDA=1 but " + "; ".join(missing))
-        return []
-    return sources
-
-
-def _default_cuda_arch_list():
-    """Without TORCH_CUDA_ARCH_LIST and with no GPU visible, torch's default has no architecture
-    to compile for: use the ones torch itself was built for (what it would run on)."""
-    import torch
-
-    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
-        return
-    archs = [a[3:] for a in torch.cuda.get_arch_list() if a.startswith("sm_") and a[3:].isdigit()]
-    if archs:
-        arch_list = [f"{a[:-1]}.{a[-1]}" for a in archs]
-        arch_list[-1] += "+PTX"
-        os.environ["TORCH_CUDA_ARCH_LIST"] = value = ";".join(arch_list)
-        print(f"fused_pool: no GPU visible, TORCH_CUDA_ARCH_LIST={value}", file=sys.stderr)
-
-
-def _nvidia_wheel_includes():
-    """site-packages/nvidia/*/include directories of the CUDA torch wheel's dependencies."""
-    import torch
-
-    site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
-    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-
-
-ext_modules, cmdclass = _extensions()
+ext_modules = _extensions()
+cmdclass = {"build_py": BuildPyWithSources}
+if ext_modules:
+    cmdclass["build_ext"] = _build_ext()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -51,15 +51,12 @@ def _has_kernel(ns: str, key: str) -> bool:
 
 
 def _probe_cpp() -> _Probe:
-    try:
-        importlib.import_module(_TABLE["cpp"].module)
-    except ImportError as exc:
-        return _Probe(
-            False,
-            "the C++ extension fused_pool._C is not built or failed to load "
-            f"({type(exc).__name__}: {exc}); reinstall with "
-            "`pip install --no-build-isolation -e .` and a C++ compiler",
-        )
+    from . import _extension
+
+    # fused_pool._C from the install, else the kernels built for this torch on first use.
+    loaded, why = _extension.load()
+    if not loaded:
+        return _Probe(False, why)
     ns = _TABLE["cpp"].namespace
     missing = [n for n in SCHEMAS if not hasattr(getattr(torch.ops, ns), n)]
     if missing:

@@ -9,7 +9,9 @@ name       kernels                                  ``torch.library``      devic
 "torch"    ``fused_pool/backends/reference/``       ``fused_pool_torch``   every device
 =========  =======================================  =====================  ====================
 
-"torch" is the pure-PyTorch reference: the formulas every other backend is tested against.
+"cpp" loads ``fused_pool._C`` when the install compiled it, else the kernels compiled from
+``csrc/`` for this torch on first use (``fused_pool/_extension.py``). "torch" is the pure-PyTorch
+reference: the formulas every other backend is tested against.
 Each backend implements every operator of ``fused_pool/_schema.py``, one file per op family
 (``pool``, ``weighted``, ``norm``); ``fused_pool/_dispatch.py`` chooses between them.
 """
