@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The prepared GPU check: ONE call on a lent NVIDIA H200 machine (no network; torch, Triton, nvcc,
-# ninja, pytest and hypothesis preinstalled). Builds the C++/CUDA extension in place for sm_90,
-# runs the test suite on CUDA tensors, runs the benchmark at the GPU target shape
-# (docs/performance.md), and prints a
-# short summary last. Results and logs go to $OUT when set (the device tool's folder), else
-# bench/results/gpu_check/. Sized to finish in under 8 minutes; each step has its own timeout and
-# a failed step does not stop the later ones.
-#
-#   bash bench/gpu_check.sh            # everything
-#   STEPS="build bench" bash bench/gpu_check.sh
+# ninja, pytest and hypothesis preinstalled). Steps, most valuable first, each with its own time
+# limit (a failed or timed-out step does not stop the later ones), 500 s in all so that a device
+# call of 540 s holds them with room to start:
+#   info          the GPU and `python -m fused_pool info`                                  30 s
+#   test-triton   the contract suite on CUDA tensors, "triton" backend                    170 s
+#   bench-triton  the benchmark at the GPU target shape (docs/performance.md), "triton"    150 s
+#                 beside eager, torch.compile and the copy bandwidth
+#   build         the C++/CUDA extension in place for sm_90                                 90 s
+#   test-cpp      the contract suite on CUDA tensors, "cpp" backend (the CUDA kernels)      60 s
+# then a short summary. Results and logs go to $OUT when set (the device tool's folder), else
+# bench/results/gpu_check/. A rerun of any part: STEPS="build test-cpp" bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"info build test bench"}
+STEPS=${STEPS:-"info test-triton bench-triton build test-cpp"}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+# The cpp kernels come from the build step only: no first-use compile inside another step's limit.
+export FUSED_POOL_JIT=0
 summary=()
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run it, log to $OUT/NAME.log, record the outcome
@@ -26,15 +30,18 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run it, log to $OUT/NAME.log, record
   echo "=== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
-  summary+=("$(printf '%-6s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+  summary+=("$(printf '%-13s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
 }
 
-step info 60 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; $PY -m fused_pool info"
+step info 30 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; $PY -m fused_pool info"
+step test-triton 170 env FUSED_POOL_TEST_BACKENDS=triton "$PY" -m pytest tests -q --maxfail=30 \
+  -k "(triton-cuda or triton_) and not compile_for_sm90" -p no:cacheprovider --junitxml="$OUT/junit-triton.xml"
+step bench-triton 150 "$PY" -m fused_pool bench --backends triton --out "$OUT" --budget 0.3 \
+  --repeats 10 --quiet
 # In place (no pip, no network): fused_pool/_C*.so next to the sources.
-step build 240 env FUSED_POOL_REQUIRE_EXT=1 FUSED_POOL_CUDA=1 "$PY" setup.py build_ext --inplace
-step test 240 "$PY" -m pytest tests -q --maxfail=30 -k "cuda and not torch-cuda" -p no:cacheprovider \
-  --junitxml="$OUT/junit.xml"
-step bench 270 "$PY" -m fused_pool bench --out "$OUT" --budget 0.5 --repeats 15 --quiet
+step build 90 env FUSED_POOL_REQUIRE_EXT=1 FUSED_POOL_CUDA=1 "$PY" setup.py build_ext --inplace
+step test-cpp 60 env FUSED_POOL_TEST_BACKENDS=cpp "$PY" -m pytest tests -q --maxfail=30 \
+  -k "cpp-cuda" -p no:cacheprovider --junitxml="$OUT/junit-cpp.xml"
 
 echo
 echo "=== summary"
