@@ -316,8 +316,8 @@ def _attention_pool_bwd_kernel(
     c_base = c_ptr + b * stride_cb + h
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        inside, valid = _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
-                                       HAS_MASK)
+        inside, valid = _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb,
+                                          stride_ml, HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         p = tl.where(valid, tl.exp(s - lse), 0.0).to(acc_ty)
         c = tl.zeros([BLOCK_T], acc_ty)
@@ -358,15 +358,15 @@ def _attention_pool_bwd_scores_kernel(
     delta = tl.sum(tl.zeros([BLOCK_T], acc_ty), 0)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        inside, valid = _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
-                                       HAS_MASK)
+        inside, valid = _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb,
+                                          stride_ml, HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         c = tl.load(c_base + t * stride_ct, mask=valid, other=0)
         delta += tl.sum(tl.where(valid, tl.exp(s - lse) * c, 0.0), 0)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        inside, valid = _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb, stride_ml,
-                                       HAS_MASK)
+        inside, valid = _inside_and_valid(t, hi, vstart, vend, b, mask_ptr, stride_mb,
+                                          stride_ml, HAS_MASK)
         s = tl.load(s_base + t * stride_st, mask=valid, other=0).to(acc_ty)
         c = tl.load(c_base + t * stride_ct, mask=valid, other=0)
         gs = tl.where(valid, tl.exp(s - lse) * (c - delta), 0.0)
