@@ -150,15 +150,68 @@ constexpr int64_t kBlockD = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Every tensor an op touches must live on the device of `x` (the Python layer checks this too;
+// this is the last line of defence against reading another device's memory).
+inline void check_same_device(const Tensor& x, const OptTensor& t, const char* what) {
+  if (t.has_value()) {
+    TORCH_CHECK(t->device() == x.device(), "fused_pool: ", what, " must be on ", x.device(),
+                " like x, got ", t->device());
+  }
+}
+
 // Where sequence b's token j lives, for both input layouts:
 //   padded [B, L, D] (+ optional bool mask [B, L]): x + b*sB + j*sL + d*sD, valid where mask;
 //   packed [T, D] + cu_seqlens [B + 1]:             x + (cu[b] + j)*sL + d*sD, all valid.
-// Offsets are int64 so tensors past 2^31 elements index correctly.
-struct Seqs {
+// Offsets are int64 so tensors past 2^31 elements index correctly. The CPU kernels' Seqs and the
+// CUDA kernels' SeqLayout extend it with the offsets cu_seqlens holds (read on the host for the
+// CPU, left on the device for CUDA).
+struct TokenLayout {
   int64_t B = 0, L = 0, D = 0;
   int64_t sB = 0, sL = 0, sD = 1;
   const bool* mask = nullptr;
   int64_t mB = 0, mL = 0;
+};
+
+// The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens, after checking
+// shapes, dtypes and devices. Packed input gets L = T, an upper bound of every length: the
+// sequence lengths are in cu_seqlens, which this does not read (it may be on the GPU).
+inline TokenLayout token_layout(const Tensor& t, const OptTensor& mask,
+                                const OptTensor& cu_seqlens) {
+  check_same_device(t, mask, "mask");
+  check_same_device(t, cu_seqlens, "cu_seqlens");
+  TokenLayout s;
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(t.dim() == 2, "fused_pool: packed input must be [T, D], got ", t.sizes());
+    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1,
+                "fused_pool: cu_seqlens must be a non-empty 1-D tensor");
+    const auto dt = cu_seqlens->scalar_type();
+    TORCH_CHECK(dt == at::kInt || dt == at::kLong, "fused_pool: cu_seqlens must be int32 or int64");
+    s.B = cu_seqlens->numel() - 1;
+    s.L = t.size(0);
+    s.D = t.size(1);
+    s.sL = t.stride(0);
+    s.sD = t.stride(1);
+  } else {
+    TORCH_CHECK(t.dim() == 3, "fused_pool: padded input must be [B, L, D], got ", t.sizes());
+    s.B = t.size(0);
+    s.L = t.size(1);
+    s.D = t.size(2);
+    s.sB = t.stride(0);
+    s.sL = t.stride(1);
+    s.sD = t.stride(2);
+    if (mask.has_value()) {
+      TORCH_CHECK(mask->scalar_type() == at::kBool, "fused_pool: mask must be bool");
+      TORCH_CHECK(mask->dim() == 2, "fused_pool: mask must be [B, L], got ", mask->sizes());
+      s.mask = mask->const_data_ptr<bool>();
+      s.mB = mask->stride(0);
+      s.mL = mask->stride(1);
+    }
+  }
+  return s;
+}
+
+// The CPU view of a TokenLayout: cu_seqlens copied to the host, L the longest sequence.
+struct Seqs : TokenLayout {
   std::vector<int64_t> cu;  // empty: padded layout
 
   int64_t start(int64_t b) const { return cu.empty() ? b * sB : cu[b] * sL; }
@@ -181,41 +234,20 @@ struct Seqs {
   }
 };
 
-// The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens.
 inline Seqs make_seqs(const Tensor& t, const OptTensor& mask, const OptTensor& cu_seqlens) {
-  Seqs s;
-  if (cu_seqlens.has_value()) {
-    TORCH_CHECK(t.dim() == 2, "fused_pool: packed input must be [T, D], got ", t.sizes());
-    const Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
-    const int64_t* c = cu.data_ptr<int64_t>();
-    s.cu.assign(c, c + cu.numel());
-    s.B = cu.numel() - 1;
-    s.D = t.size(1);
-    s.sL = t.stride(0);
-    s.sD = t.stride(1);
-    int64_t lmax = 0;
-    for (int64_t b = 0; b < s.B; ++b) {
-      // The Python layer checks cu_seqlens; clamp anyway so bad offsets never read out of bounds.
-      TORCH_CHECK(s.cu[b] >= 0 && s.cu[b] <= s.cu[b + 1] && s.cu[b + 1] <= t.size(0),
-                  "fused_pool: cu_seqlens must be non-decreasing within [0, T]");
-      lmax = std::max(lmax, s.cu[b + 1] - s.cu[b]);
-    }
-    s.L = lmax;
-  } else {
-    TORCH_CHECK(t.dim() == 3, "fused_pool: padded input must be [B, L, D], got ", t.sizes());
-    s.B = t.size(0);
-    s.L = t.size(1);
-    s.D = t.size(2);
-    s.sB = t.stride(0);
-    s.sL = t.stride(1);
-    s.sD = t.stride(2);
-    if (mask.has_value()) {
-      TORCH_CHECK(mask->scalar_type() == at::kBool, "fused_pool: mask must be bool");
-      s.mask = mask->data_ptr<bool>();
-      s.mB = mask->stride(0);
-      s.mL = mask->stride(1);
-    }
+  Seqs s{token_layout(t, mask, cu_seqlens)};
+  if (!cu_seqlens.has_value()) return s;
+  const Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
+  const int64_t* c = cu.const_data_ptr<int64_t>();
+  s.cu.assign(c, c + cu.numel());
+  int64_t lmax = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    // The Python layer checks cu_seqlens; check anyway so bad offsets never read out of bounds.
+    TORCH_CHECK(s.cu[b] >= 0 && s.cu[b] <= s.cu[b + 1] && s.cu[b + 1] <= t.size(0),
+                "fused_pool: cu_seqlens must be non-decreasing within [0, T]");
+    lmax = std::max(lmax, s.cu[b + 1] - s.cu[b]);
   }
+  s.L = lmax;
   return s;
 }
 

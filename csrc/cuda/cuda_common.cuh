@@ -30,15 +30,6 @@ namespace cuda {
 
 inline cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
 
-// Every tensor an op touches must live on the CUDA device of `x` (the Python layer checks this
-// too; this is the last line of defence against an illegal memory access).
-inline void check_same_device(const Tensor& x, const OptTensor& t, const char* what) {
-  if (t.has_value()) {
-    TORCH_CHECK(t->device() == x.device(), "fused_pool: ", what, " must be on ", x.device(),
-                " like x, got ", t->device());
-  }
-}
-
 // After every launch: surfaces launch errors (bad grid, too much shared memory) at once.
 #define FP_CUDA_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
@@ -54,17 +45,11 @@ inline unsigned grid_dim(int64_t n, int64_t limit = kMaxGridX) {
 // Token layout
 // ---------------------------------------------------------------------------------------------
 
-// Where sequence b's token j lives (the device twin of Seqs in common.h):
-//   padded [B, L, D] (+ optional bool mask [B, L]): x + b*sB + j*sL + d*sD, valid where mask;
-//   packed [T, D] + cu_seqlens [B + 1]:             x + (cu[b] + j)*sL + d*sD, all valid.
-// For packed input L is the number of rows T (an upper bound of every length: the longest
-// sequence is not known on the host without a synchronization); kernels loop to len(b).
-// Passed to kernels by value.
-struct SeqLayout {
-  int64_t B = 0, L = 0, D = 0;
-  int64_t sB = 0, sL = 0, sD = 1;
-  const bool* mask = nullptr;
-  int64_t mB = 0, mL = 0;
+// The device view of a TokenLayout (common.h): cu_seqlens stays on the device, int32 or int64,
+// so nothing synchronizes with the host. For packed input L is the number of rows T (an upper
+// bound of every length: the longest sequence is not known on the host without a
+// synchronization); kernels loop to len(b). Passed to kernels by value.
+struct SeqLayout : TokenLayout {
   const int32_t* cu32 = nullptr;  // packed with int32 offsets
   const int64_t* cu64 = nullptr;  // packed with int64 offsets
 
@@ -110,45 +95,17 @@ struct SeqLayout {
   }
 };
 
-// The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens. cu_seqlens stays on
-// the device (int32 or int64; made contiguous, a [B + 1] copy at most).
-// `cu_keepalive` receives the contiguous cu_seqlens so its memory outlives the launch.
+// The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens. `cu_keepalive`
+// receives the contiguous cu_seqlens (a [B + 1] copy at most) so its memory outlives the launch.
 inline SeqLayout make_layout(const Tensor& t, const OptTensor& mask, const OptTensor& cu_seqlens,
                              Tensor* cu_keepalive) {
-  SeqLayout s;
-  check_same_device(t, mask, "mask");
-  check_same_device(t, cu_seqlens, "cu_seqlens");
+  SeqLayout s{token_layout(t, mask, cu_seqlens)};
   if (cu_seqlens.has_value()) {
-    TORCH_CHECK(t.dim() == 2, "fused_pool: packed input must be [T, D], got ", t.sizes());
-    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1,
-                "fused_pool: cu_seqlens must be a non-empty 1-D tensor");
-    const auto dt = cu_seqlens->scalar_type();
-    TORCH_CHECK(dt == at::kInt || dt == at::kLong, "fused_pool: cu_seqlens must be int32 or int64");
     *cu_keepalive = cu_seqlens->contiguous();
-    if (dt == at::kLong) {
+    if (cu_keepalive->scalar_type() == at::kLong) {
       s.cu64 = cu_keepalive->const_data_ptr<int64_t>();
     } else {
       s.cu32 = cu_keepalive->const_data_ptr<int32_t>();
-    }
-    s.B = cu_seqlens->numel() - 1;
-    s.L = t.size(0);
-    s.D = t.size(1);
-    s.sL = t.stride(0);
-    s.sD = t.stride(1);
-  } else {
-    TORCH_CHECK(t.dim() == 3, "fused_pool: padded input must be [B, L, D], got ", t.sizes());
-    s.B = t.size(0);
-    s.L = t.size(1);
-    s.D = t.size(2);
-    s.sB = t.stride(0);
-    s.sL = t.stride(1);
-    s.sD = t.stride(2);
-    if (mask.has_value()) {
-      TORCH_CHECK(mask->scalar_type() == at::kBool, "fused_pool: mask must be bool");
-      TORCH_CHECK(mask->dim() == 2, "fused_pool: mask must be [B, L], got ", mask->sizes());
-      s.mask = mask->const_data_ptr<bool>();
-      s.mB = mask->stride(0);
-      s.mL = mask->stride(1);
     }
   }
   return s;
