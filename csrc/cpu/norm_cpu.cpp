@@ -5,7 +5,7 @@
 // non-contiguous input is made contiguous first: rows of a strided norm input are rare, and one
 // copy keeps every kernel a plain row loop. Weight/bias gradients are summed from fixed-size row
 // chunks in chunk order, so they are deterministic and independent of the thread count.
-#include "../common.h"
+#include "cpu_common.h"
 
 namespace fused_pool {
 namespace {

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "../common.h"
+#include "cpu_common.h"
 
 namespace fused_pool {
 namespace {
@@ -158,6 +158,16 @@ std::tuple<Tensor, Tensor> masked_extremum_cpu(const Tensor& x, const OptTensor&
 // masked_kmax: the k best valid values per feature (rank: NaN first, then value descending,
 // then lower index), written in token order; unused slots 0 with index -1.
 // ---------------------------------------------------------------------------------------------
+
+// max/min ordering of the contract: NaN beats every number; among equal values the earlier
+// (lower index) token keeps its place, so callers visit tokens in order and replace only on
+// a strict win.
+template <typename T>
+inline bool beats(T a, T b, bool largest) {
+  const bool na = std::isnan(a), nb = std::isnan(b);
+  if (na || nb) return na && !nb;
+  return largest ? a > b : a < b;
+}
 
 // a ranks after b (a is "worse") under the k-max order.
 template <typename T>

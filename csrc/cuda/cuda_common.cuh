@@ -15,9 +15,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "../common.h"
 
@@ -99,7 +102,7 @@ struct SeqLayout : TokenLayout {
 // receives the contiguous cu_seqlens (a [B + 1] copy at most) so its memory outlives the launch.
 inline SeqLayout make_layout(const Tensor& t, const OptTensor& mask, const OptTensor& cu_seqlens,
                              Tensor* cu_keepalive) {
-  SeqLayout s{token_layout(t, mask, cu_seqlens)};
+  SeqLayout s{token_layout(t, mask, cu_seqlens), nullptr, nullptr};
   if (cu_seqlens.has_value()) {
     *cu_keepalive = cu_seqlens->contiguous();
     if (cu_keepalive->scalar_type() == at::kLong) {
@@ -125,7 +128,7 @@ __device__ __forceinline__ double exp_acc(double v) { return ::exp(v); }
 __device__ __forceinline__ float log_acc(float v) { return ::logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return ::log(v); }
 
-// max/min ordering of the contract (as common.h's beats): NaN beats every number; equal values
+// max/min ordering of the contract (as beats in cpu/pool_cpu.cpp): NaN beats every number; equal values
 // do not beat each other (the caller decides ties by index).
 template <typename A>
 __device__ __forceinline__ bool beats_dev(A a, A b, bool largest) {

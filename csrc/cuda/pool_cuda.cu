@@ -79,7 +79,7 @@ __device__ __forceinline__ int lane_count(int64_t d, int64_t D, int V) {
   return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(V, D - d)));
 }
 
-// Two-level per-feature sums (as common.h's TokenSum): tokens go into `part`, added into `total`
+// Two-level per-feature sums (as TokenSum in cpu/cpu_common.h): tokens go into `part`, added into `total`
 // every kFlush tokens, so long sequences keep float32 sums accurate.
 template <typename A, int V>
 struct LaneSum {
