@@ -1,4 +1,4 @@
-// CPU kernels of the normalization operators (formulas: fused_pool/backends/reference.py).
+// CPU kernels of the normalization operators (formulas: fused_pool/backends/reference/norm.py).
 //
 // LayerNorm/RMSNorm/InstanceNorm normalize contiguous rows: each row is read from memory once
 // (its second pass hits L1/L2), statistics are float32 (float64 for float64 input). A
