@@ -5,7 +5,7 @@
 //     [B, L, D] + optional bool mask, or packed [T, D] + int32/int64 cu_seqlens read on the
 //     device, so no host synchronization), int64 offsets and strides;
 //   * acc_t (from common.h): float for half/bfloat16/float, double for double;
-//   * warp/block reductions: sum, and max/min with the lowest-index tie-break of the contract;
+//   * warp/block sums in a fixed order;
 //   * 16-byte vectorized row loads/stores with a scalar fallback (odd strides or alignment);
 //   * host helpers: device checks, the current stream, launch checks.
 #pragma once
@@ -76,8 +76,6 @@ struct SeqLayout : TokenLayout {
   __device__ bool valid(int64_t b, int64_t j) const {
     return mask == nullptr || mask[b * mB + j * mL];
   }
-  // Packed: the first row of sequence b (the row index of token 0).
-  __device__ int64_t first_row(int64_t b) const { return packed() ? cu(b) : 0; }
   // Packed: the sequence that row r belongs to (binary search over cu_seqlens, O(log B)), or -1
   // for a row no sequence covers. Among empty sequences sharing an offset, the row belongs to
   // the last one starting there (the only one whose range [cu[b], cu[b + 1]) contains it).
@@ -177,28 +175,6 @@ __device__ __forceinline__ A warp_sum(A v) {
 }
 
 template <typename A>
-__device__ __forceinline__ A warp_max(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const A u = __shfl_xor_sync(kFullMask, v, o);
-    v = (u > v || u != u) ? u : v;  // NaN propagates
-  }
-  return v;
-}
-
-template <typename A>
-__device__ __forceinline__ ValIdx<A> warp_arg_extremum(ValIdx<A> c, bool largest) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    ValIdx<A> u;
-    u.v = __shfl_xor_sync(kFullMask, c.v, o);
-    u.i = __shfl_xor_sync(kFullMask, c.i, o);
-    if (!keep_first(c, u, largest)) c = u;
-  }
-  return c;
-}
-
-template <typename A>
 __device__ __forceinline__ A block_sum(A v, A* smem) {
   const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
   const int nwarps = (block_threads() + 31) >> 5;
@@ -208,36 +184,6 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
   __syncthreads();
   v = lane < nwarps ? smem[lane] : A(0);
   return warp_sum(v);
-}
-
-template <typename A>
-__device__ __forceinline__ A block_max(A v, A* smem) {
-  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
-  const int nwarps = (block_threads() + 31) >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  v = lane < nwarps ? smem[lane] : -pos_inf<A>();
-  return warp_max(v);
-}
-
-template <typename A>
-__device__ __forceinline__ ValIdx<A> block_arg_extremum(ValIdx<A> c, ValIdx<A>* smem,
-                                                        bool largest) {
-  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
-  const int nwarps = (block_threads() + 31) >> 5;
-  c = warp_arg_extremum(c, largest);
-  __syncthreads();
-  if (lane == 0) smem[warp] = c;
-  __syncthreads();
-  if (lane < nwarps) {
-    c = smem[lane];
-  } else {
-    c.v = A(0);
-    c.i = -1;
-  }
-  return warp_arg_extremum(c, largest);
 }
 
 // ---------------------------------------------------------------------------------------------
