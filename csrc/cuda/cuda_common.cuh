@@ -113,47 +113,6 @@ inline SeqLayout make_layout(const Tensor& t, const OptTensor& mask, const OptTe
 }
 
 // ---------------------------------------------------------------------------------------------
-// Numerics
-// ---------------------------------------------------------------------------------------------
-
-template <typename A>
-__device__ __forceinline__ A pos_inf() {
-  return std::numeric_limits<A>::infinity();
-}
-
-__device__ __forceinline__ float exp_acc(float v) { return ::expf(v); }
-__device__ __forceinline__ double exp_acc(double v) { return ::exp(v); }
-__device__ __forceinline__ float log_acc(float v) { return ::logf(v); }
-__device__ __forceinline__ double log_acc(double v) { return ::log(v); }
-
-// max/min ordering of the contract (as beats in cpu/pool_cpu.cpp): NaN beats every number; equal values
-// do not beat each other (the caller decides ties by index).
-template <typename A>
-__device__ __forceinline__ bool beats_dev(A a, A b, bool largest) {
-  const bool na = a != a, nb = b != b;
-  if (na || nb) return na && !nb;
-  return largest ? a > b : a < b;
-}
-
-// A candidate of an arg-max/min reduction: value and token index, -1 for "no token".
-template <typename A>
-struct ValIdx {
-  A v;
-  int64_t i;
-};
-
-// Whether candidate a should be kept over b: any token beats "no token"; otherwise the better
-// value (beats_dev), and among equal values (or two NaNs) the lower index.
-template <typename A>
-__device__ __forceinline__ bool keep_first(const ValIdx<A>& a, const ValIdx<A>& b, bool largest) {
-  if (b.i < 0) return true;
-  if (a.i < 0) return false;
-  if (beats_dev(a.v, b.v, largest)) return true;
-  if (beats_dev(b.v, a.v, largest)) return false;
-  return a.i < b.i;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Warp and block reductions. Block helpers take any block shape (1-D, 2-D or 3-D; threads are
 // numbered x fastest) whose thread count is a multiple of 32 (at most 1024), and `smem` holding
 // 32 elements; every thread of the block must call them and gets the result. Reductions are in
@@ -254,6 +213,123 @@ inline void vec_switch(bool vec, F&& f) {
   } else {
     f(std::false_type{});
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pooling kernels' shapes (pool_cuda.cu and weighted_cuda.cu): a pooling block is kTy warps
+// of kTx lanes, each lane owning kVec<T> consecutive features of a chunk of
+// chunk_width<T>() features; row kernels give each warp one output row.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kTx = 32;      // lanes along features (one warp)
+constexpr int kTy = 8;       // warps along tokens
+constexpr int kUnroll = 4;   // tokens a warp loads before accumulating them
+constexpr int kFlush = 64;   // tokens per partial sum before it is added to the total
+constexpr int kThreads = kTx * kTy;
+
+template <typename T>
+constexpr int64_t chunk_width() {
+  return int64_t(kTx) * kVec<T>;
+}
+
+inline void check_cuda(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.is_cuda(), "fused_pool (cpp, CUDA): ", what, " must be a CUDA tensor");
+}
+
+// Number of (sequence, feature chunk) blocks of a pooling kernel.
+template <typename T>
+inline int64_t pool_blocks(int64_t B, int64_t D, int64_t* nchunk) {
+  *nchunk = ceil_div(D, chunk_width<T>());
+  const int64_t blocks = B * *nchunk;
+  TORCH_CHECK(blocks <= kMaxGridX, "fused_pool: B * ceil(D / ", chunk_width<T>(),
+              ") must be below 2^31, got B = ", B, ", D = ", D);
+  return blocks;
+}
+
+// Rows of an output shaped like x: B * L (padded) or T (packed).
+inline int64_t row_blocks(int64_t rows) {
+  const int64_t blocks = ceil_div(rows, kTy);
+  TORCH_CHECK(blocks <= kMaxGridX, "fused_pool: too many rows: ", rows);
+  return blocks;
+}
+
+// Where row r of an output shaped like x lies: its sequence b (-1: no sequence covers it, only
+// possible for packed input) and its token j.
+__device__ __forceinline__ void locate_row(const SeqLayout& s, int64_t r, int64_t* b, int64_t* j) {
+  if (s.packed()) {
+    *b = s.seq_of_row(r);
+    *j = *b >= 0 ? r - s.cu(*b) : 0;
+  } else {
+    *b = r / s.L;
+    *j = r % s.L;
+  }
+}
+
+// Features [d, d + n) of this lane within a pooling block.
+template <typename T>
+__device__ __forceinline__ int64_t lane_feature(int64_t chunk) {
+  return chunk * chunk_width<T>() + int64_t(threadIdx.x) * kVec<T>;
+}
+
+__device__ __forceinline__ int lane_count(int64_t d, int64_t D, int V) {
+  return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(V, D - d)));
+}
+
+// Two-level per-feature sums (as TokenSum in cpu/cpu_common.h): tokens go into `part`, added
+// into `total` every kFlush tokens, so long sequences keep float32 sums accurate.
+template <typename A, int V>
+struct LaneSum {
+  A total[V], part[V];
+  int pending;
+  __device__ void init() {
+#pragma unroll
+    for (int k = 0; k < V; ++k) total[k] = part[k] = A(0);
+    pending = 0;
+  }
+  __device__ void add(const A (&v)[V], A scale = A(1)) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) part[k] += scale * v[k];
+  }
+  __device__ void token_done() {
+    if (++pending == kFlush) flush();
+  }
+  __device__ void flush() {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      total[k] += part[k];
+      part[k] = A(0);
+    }
+    pending = 0;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Valid-token counts per sequence (mean backward, weighted_layer_mean backward).
+// ---------------------------------------------------------------------------------------------
+// A template (on the block size) so that only the .cu files that launch it compile it.
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock) count_kernel(SeqLayout s, int64_t* counts) {
+  __shared__ int64_t smem[32];
+  const int64_t b = blockIdx.x;
+  const int64_t len = s.len(b);
+  int64_t n = 0;
+  if (s.mask == nullptr) {
+    n = linear_tid() == 0 ? len : 0;
+  } else {
+    for (int64_t j = linear_tid(); j < len; j += block_threads()) n += s.valid(b, j);
+  }
+  n = block_sum(n, smem);
+  if (linear_tid() == 0) counts[b] = n;
+}
+
+inline Tensor valid_counts(const SeqLayout& s, const Tensor& like) {
+  Tensor counts = at::empty({s.B}, like.options().dtype(at::kLong));
+  if (s.B > 0) {
+    count_kernel<kThreads>
+        <<<grid_dim(s.B), kThreads, 0, stream()>>>(s, counts.mutable_data_ptr<int64_t>());
+    FP_CUDA_LAUNCH_CHECK();
+  }
+  return counts;
 }
 
 }  // namespace cuda
