@@ -1,13 +1,12 @@
-// Shared helpers of the fused_pool CUDA kernels (csrc/cuda/*.cu).
-//
-// What lives here (keep it backward compatible: several .cu files include it):
-//   * SeqLayout: the device-side token layout, the CUDA twin of common.h's Seqs (padded
-//     [B, L, D] + optional bool mask, or packed [T, D] + int32/int64 cu_seqlens read on the
-//     device, so no host synchronization), int64 offsets and strides;
-//   * acc_t (from common.h): float for half/bfloat16/float, double for double;
+// Helpers shared by the CUDA kernels (csrc/cuda/*.cu). It includes common.h and nothing of the
+// CPU kernels:
+//   * SeqLayout: the device view of common.h's TokenLayout (padded [B, L, D] + optional bool
+//     mask, or packed [T, D] + int32/int64 cu_seqlens read on the device, so no host
+//     synchronization), int64 offsets and strides;
 //   * warp/block sums in a fixed order;
 //   * 16-byte vectorized row loads/stores with a scalar fallback (odd strides or alignment);
-//   * host helpers: device checks, the current stream, launch checks.
+//   * host helpers: the current stream, grid limits, launch checks;
+//   * the block shape and helpers that pool_cuda.cu and weighted_cuda.cu both use.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
