@@ -35,55 +35,47 @@ inline void check_same_device(const Tensor& x, const OptTensor& t, const char* w
   }
 }
 
-// Where sequence b's token j lives, for both input layouts:
+// Fills `s` (the CPU kernels' Seqs or the CUDA kernels' SeqLayout, which both have these
+// fields) with the layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens, after
+// checking shapes, dtypes and devices. Where sequence b's token j lives:
 //   padded [B, L, D] (+ optional bool mask [B, L]): x + b*sB + j*sL + d*sD, valid where mask;
 //   packed [T, D] + cu_seqlens [B + 1]:             x + (cu[b] + j)*sL + d*sD, all valid.
-// Offsets are int64 so tensors past 2^31 elements index correctly. The CPU kernels' Seqs and the
-// CUDA kernels' SeqLayout extend it with the offsets cu_seqlens holds (read on the host for the
-// CPU, left on the device for CUDA).
-struct TokenLayout {
-  int64_t B = 0, L = 0, D = 0;
-  int64_t sB = 0, sL = 0, sD = 1;
-  const bool* mask = nullptr;
-  int64_t mB = 0, mL = 0;
-};
-
-// The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens, after checking
-// shapes, dtypes and devices. Packed input gets L = T, an upper bound of every length: the
-// sequence lengths are in cu_seqlens, which this does not read (it may be on the GPU).
-inline TokenLayout token_layout(const Tensor& t, const OptTensor& mask,
-                                const OptTensor& cu_seqlens) {
+// Offsets are int64 so tensors past 2^31 elements index correctly. Packed input gets L = T, an
+// upper bound of every length: cu_seqlens is not read here (it may be on the GPU). A template
+// rather than a base struct of Seqs and SeqLayout: with SeqLayout derived from a base, nvcc 13.0
+// generated different code for the masked InstanceNorm kernels, which take it by value.
+template <typename Layout>
+inline void fill_token_layout(const Tensor& t, const OptTensor& mask,
+                              const OptTensor& cu_seqlens, Layout* s) {
   check_same_device(t, mask, "mask");
   check_same_device(t, cu_seqlens, "cu_seqlens");
-  TokenLayout s;
   if (cu_seqlens.has_value()) {
     TORCH_CHECK(t.dim() == 2, "fused_pool: packed input must be [T, D], got ", t.sizes());
     TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1,
                 "fused_pool: cu_seqlens must be a non-empty 1-D tensor");
     const auto dt = cu_seqlens->scalar_type();
     TORCH_CHECK(dt == at::kInt || dt == at::kLong, "fused_pool: cu_seqlens must be int32 or int64");
-    s.B = cu_seqlens->numel() - 1;
-    s.L = t.size(0);
-    s.D = t.size(1);
-    s.sL = t.stride(0);
-    s.sD = t.stride(1);
+    s->B = cu_seqlens->numel() - 1;
+    s->L = t.size(0);
+    s->D = t.size(1);
+    s->sL = t.stride(0);
+    s->sD = t.stride(1);
   } else {
     TORCH_CHECK(t.dim() == 3, "fused_pool: padded input must be [B, L, D], got ", t.sizes());
-    s.B = t.size(0);
-    s.L = t.size(1);
-    s.D = t.size(2);
-    s.sB = t.stride(0);
-    s.sL = t.stride(1);
-    s.sD = t.stride(2);
+    s->B = t.size(0);
+    s->L = t.size(1);
+    s->D = t.size(2);
+    s->sB = t.stride(0);
+    s->sL = t.stride(1);
+    s->sD = t.stride(2);
     if (mask.has_value()) {
       TORCH_CHECK(mask->scalar_type() == at::kBool, "fused_pool: mask must be bool");
       TORCH_CHECK(mask->dim() == 2, "fused_pool: mask must be [B, L], got ", mask->sizes());
-      s.mask = mask->const_data_ptr<bool>();
-      s.mB = mask->stride(0);
-      s.mL = mask->stride(1);
+      s->mask = mask->const_data_ptr<bool>();
+      s->mB = mask->stride(0);
+      s->mL = mask->stride(1);
     }
   }
-  return s;
 }
 
 // Shape of a gradient of x: [B, num_tokens, D] (padded) or [num_tokens, D] (packed).

@@ -137,8 +137,13 @@ inline Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options)
 // Features handled by one task: a block of D so each task's accumulators stay in L1.
 constexpr int64_t kBlockD = 256;
 
-// The CPU view of a TokenLayout: cu_seqlens copied to the host, L the longest sequence.
-struct Seqs : TokenLayout {
+// A token layout (see fill_token_layout) with cu_seqlens copied to the host and L the longest
+// sequence.
+struct Seqs {
+  int64_t B = 0, L = 0, D = 0;
+  int64_t sB = 0, sL = 0, sD = 1;
+  const bool* mask = nullptr;
+  int64_t mB = 0, mL = 0;
   std::vector<int64_t> cu;  // empty: padded layout
 
   int64_t start(int64_t b) const { return cu.empty() ? b * sB : cu[b] * sL; }
@@ -162,7 +167,8 @@ struct Seqs : TokenLayout {
 };
 
 inline Seqs make_seqs(const Tensor& t, const OptTensor& mask, const OptTensor& cu_seqlens) {
-  Seqs s{token_layout(t, mask, cu_seqlens), {}};
+  Seqs s;
+  fill_token_layout(t, mask, cu_seqlens, &s);
   if (!cu_seqlens.has_value()) return s;
   const Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
   const int64_t* c = cu.const_data_ptr<int64_t>();

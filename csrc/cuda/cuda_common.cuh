@@ -1,8 +1,8 @@
 // Helpers shared by the CUDA kernels (csrc/cuda/*.cu). It includes common.h and nothing of the
 // CPU kernels:
-//   * SeqLayout: the device view of common.h's TokenLayout (padded [B, L, D] + optional bool
-//     mask, or packed [T, D] + int32/int64 cu_seqlens read on the device, so no host
-//     synchronization), int64 offsets and strides;
+//   * SeqLayout: the device-side token layout (padded [B, L, D] + optional bool mask, or packed
+//     [T, D] + int32/int64 cu_seqlens read on the device, so no host synchronization), int64
+//     offsets and strides;
 //   * warp/block sums in a fixed order;
 //   * 16-byte vectorized row loads/stores with a scalar fallback (odd strides or alignment);
 //   * host helpers: the current stream, grid limits, launch checks;
@@ -47,11 +47,15 @@ inline unsigned grid_dim(int64_t n, int64_t limit = kMaxGridX) {
 // Token layout
 // ---------------------------------------------------------------------------------------------
 
-// The device view of a TokenLayout (common.h): cu_seqlens stays on the device, int32 or int64,
-// so nothing synchronizes with the host. For packed input L is the number of rows T (an upper
-// bound of every length: the longest sequence is not known on the host without a
+// A token layout (see fill_token_layout in common.h) with cu_seqlens left on the device, int32
+// or int64, so nothing synchronizes with the host. For packed input L is the number of rows T
+// (an upper bound of every length: the longest sequence is not known on the host without a
 // synchronization); kernels loop to len(b). Passed to kernels by value.
-struct SeqLayout : TokenLayout {
+struct SeqLayout {
+  int64_t B = 0, L = 0, D = 0;
+  int64_t sB = 0, sL = 0, sD = 1;
+  const bool* mask = nullptr;
+  int64_t mB = 0, mL = 0;
   const int32_t* cu32 = nullptr;  // packed with int32 offsets
   const int64_t* cu64 = nullptr;  // packed with int64 offsets
 
@@ -99,7 +103,8 @@ struct SeqLayout : TokenLayout {
 // receives the contiguous cu_seqlens (a [B + 1] copy at most) so its memory outlives the launch.
 inline SeqLayout make_layout(const Tensor& t, const OptTensor& mask, const OptTensor& cu_seqlens,
                              Tensor* cu_keepalive) {
-  SeqLayout s{token_layout(t, mask, cu_seqlens), nullptr, nullptr};
+  SeqLayout s;
+  fill_token_layout(t, mask, cu_seqlens, &s);
   if (cu_seqlens.has_value()) {
     *cu_keepalive = cu_seqlens->contiguous();
     if (cu_keepalive->scalar_type() == at::kLong) {
