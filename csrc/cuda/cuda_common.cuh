@@ -307,34 +307,10 @@ struct LaneSum {
   }
 };
 
-// ---------------------------------------------------------------------------------------------
-// Valid-token counts per sequence (mean backward, weighted_layer_mean backward).
-// ---------------------------------------------------------------------------------------------
-// A template (on the block size) so that only the .cu files that launch it compile it.
-template <int kBlock>
-__global__ void __launch_bounds__(kBlock) count_kernel(SeqLayout s, int64_t* counts) {
-  __shared__ int64_t smem[32];
-  const int64_t b = blockIdx.x;
-  const int64_t len = s.len(b);
-  int64_t n = 0;
-  if (s.mask == nullptr) {
-    n = linear_tid() == 0 ? len : 0;
-  } else {
-    for (int64_t j = linear_tid(); j < len; j += block_threads()) n += s.valid(b, j);
-  }
-  n = block_sum(n, smem);
-  if (linear_tid() == 0) counts[b] = n;
-}
-
-inline Tensor valid_counts(const SeqLayout& s, const Tensor& like) {
-  Tensor counts = at::empty({s.B}, like.options().dtype(at::kLong));
-  if (s.B > 0) {
-    count_kernel<kThreads>
-        <<<grid_dim(s.B), kThreads, 0, stream()>>>(s, counts.mutable_data_ptr<int64_t>());
-    FP_CUDA_LAUNCH_CHECK();
-  }
-  return counts;
-}
+// Valid-token counts per sequence ([B] int64 on s's device) for the mean, mean_max and
+// weighted_layer_mean backwards. Defined in pool_cuda.cu, so that its kernel is compiled once
+// and not into every .cu file that includes this header.
+Tensor valid_counts(const SeqLayout& s, const Tensor& like);
 
 }  // namespace cuda
 }  // namespace fused_pool

@@ -20,6 +20,36 @@ namespace fused_pool {
 namespace cuda {
 namespace {
 
+// ---------------------------------------------------------------------------------------------
+// Valid-token counts per sequence (mean backward, weighted_layer_mean backward).
+// ---------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kThreads) count_kernel(SeqLayout s, int64_t* counts) {
+  __shared__ int64_t smem[32];
+  const int64_t b = blockIdx.x;
+  const int64_t len = s.len(b);
+  int64_t n = 0;
+  if (s.mask == nullptr) {
+    n = linear_tid() == 0 ? len : 0;
+  } else {
+    for (int64_t j = linear_tid(); j < len; j += block_threads()) n += s.valid(b, j);
+  }
+  n = block_sum(n, smem);
+  if (linear_tid() == 0) counts[b] = n;
+}
+
+}  // namespace
+
+Tensor valid_counts(const SeqLayout& s, const Tensor& like) {
+  Tensor counts = at::empty({s.B}, like.options().dtype(at::kLong));
+  if (s.B > 0) {
+    count_kernel<<<grid_dim(s.B), kThreads, 0, stream()>>>(s, counts.mutable_data_ptr<int64_t>());
+    FP_CUDA_LAUNCH_CHECK();
+  }
+  return counts;
+}
+
+namespace {
+
 // max/min ordering of the contract (as beats in cpu/pool_cpu.cpp): NaN beats every number;
 // equal values do not beat each other (the caller decides ties by index).
 template <typename A>
