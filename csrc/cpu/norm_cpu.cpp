@@ -1,11 +1,11 @@
-// CPU kernels of the normalization operators (formulas: fused_pool/backends/reference.py).
+// CPU kernels of the normalization operators (formulas: fused_pool/backends/reference/norm.py).
 //
 // LayerNorm/RMSNorm/InstanceNorm normalize contiguous rows: each row is read from memory once
 // (its second pass hits L1/L2), statistics are float32 (float64 for float64 input). A
 // non-contiguous input is made contiguous first: rows of a strided norm input are rare, and one
 // copy keeps every kernel a plain row loop. Weight/bias gradients are summed from fixed-size row
 // chunks in chunk order, so they are deterministic and independent of the thread count.
-#include "../common.h"
+#include "cpu_common.h"
 
 namespace fused_pool {
 namespace {

@@ -1,13 +1,12 @@
-// Shared helpers of the fused_pool CUDA kernels (csrc/cuda/*.cu).
-//
-// What lives here (keep it backward compatible: several .cu files include it):
-//   * SeqLayout: the device-side token layout, the CUDA twin of common.h's Seqs (padded
-//     [B, L, D] + optional bool mask, or packed [T, D] + int32/int64 cu_seqlens read on the
-//     device, so no host synchronization), int64 offsets and strides;
-//   * acc_t (from common.h): float for half/bfloat16/float, double for double;
-//   * warp/block reductions: sum, and max/min with the lowest-index tie-break of the contract;
+// Helpers shared by the CUDA kernels (csrc/cuda/*.cu). It includes common.h and nothing of the
+// CPU kernels:
+//   * SeqLayout: the device-side token layout (padded [B, L, D] + optional bool mask, or packed
+//     [T, D] + int32/int64 cu_seqlens read on the device, so no host synchronization), int64
+//     offsets and strides;
+//   * warp/block sums in a fixed order;
 //   * 16-byte vectorized row loads/stores with a scalar fallback (odd strides or alignment);
-//   * host helpers: device checks, the current stream, launch checks.
+//   * host helpers: the current stream, grid limits, launch checks;
+//   * the block shape and helpers that pool_cuda.cu and weighted_cuda.cu both use.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -15,9 +14,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "../common.h"
 
@@ -29,15 +31,6 @@ namespace cuda {
 // ---------------------------------------------------------------------------------------------
 
 inline cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
-
-// Every tensor an op touches must live on the CUDA device of `x` (the Python layer checks this
-// too; this is the last line of defence against an illegal memory access).
-inline void check_same_device(const Tensor& x, const OptTensor& t, const char* what) {
-  if (t.has_value()) {
-    TORCH_CHECK(t->device() == x.device(), "fused_pool: ", what, " must be on ", x.device(),
-                " like x, got ", t->device());
-  }
-}
 
 // After every launch: surfaces launch errors (bad grid, too much shared memory) at once.
 #define FP_CUDA_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
@@ -54,12 +47,10 @@ inline unsigned grid_dim(int64_t n, int64_t limit = kMaxGridX) {
 // Token layout
 // ---------------------------------------------------------------------------------------------
 
-// Where sequence b's token j lives (the device twin of Seqs in common.h):
-//   padded [B, L, D] (+ optional bool mask [B, L]): x + b*sB + j*sL + d*sD, valid where mask;
-//   packed [T, D] + cu_seqlens [B + 1]:             x + (cu[b] + j)*sL + d*sD, all valid.
-// For packed input L is the number of rows T (an upper bound of every length: the longest
-// sequence is not known on the host without a synchronization); kernels loop to len(b).
-// Passed to kernels by value.
+// A token layout (see fill_token_layout in common.h) with cu_seqlens left on the device, int32
+// or int64, so nothing synchronizes with the host. For packed input L is the number of rows T
+// (an upper bound of every length: the longest sequence is not known on the host without a
+// synchronization); kernels loop to len(b). Passed to kernels by value.
 struct SeqLayout {
   int64_t B = 0, L = 0, D = 0;
   int64_t sB = 0, sL = 0, sD = 1;
@@ -88,8 +79,6 @@ struct SeqLayout {
   __device__ bool valid(int64_t b, int64_t j) const {
     return mask == nullptr || mask[b * mB + j * mL];
   }
-  // Packed: the first row of sequence b (the row index of token 0).
-  __device__ int64_t first_row(int64_t b) const { return packed() ? cu(b) : 0; }
   // Packed: the sequence that row r belongs to (binary search over cu_seqlens, O(log B)), or -1
   // for a row no sequence covers. Among empty sequences sharing an offset, the row belongs to
   // the last one starting there (the only one whose range [cu[b], cu[b + 1]) contains it).
@@ -110,89 +99,21 @@ struct SeqLayout {
   }
 };
 
-// The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens. cu_seqlens stays on
-// the device (int32 or int64; made contiguous, a [B + 1] copy at most).
-// `cu_keepalive` receives the contiguous cu_seqlens so its memory outlives the launch.
+// The layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens. `cu_keepalive`
+// receives the contiguous cu_seqlens (a [B + 1] copy at most) so its memory outlives the launch.
 inline SeqLayout make_layout(const Tensor& t, const OptTensor& mask, const OptTensor& cu_seqlens,
                              Tensor* cu_keepalive) {
   SeqLayout s;
-  check_same_device(t, mask, "mask");
-  check_same_device(t, cu_seqlens, "cu_seqlens");
+  fill_token_layout(t, mask, cu_seqlens, &s);
   if (cu_seqlens.has_value()) {
-    TORCH_CHECK(t.dim() == 2, "fused_pool: packed input must be [T, D], got ", t.sizes());
-    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1,
-                "fused_pool: cu_seqlens must be a non-empty 1-D tensor");
-    const auto dt = cu_seqlens->scalar_type();
-    TORCH_CHECK(dt == at::kInt || dt == at::kLong, "fused_pool: cu_seqlens must be int32 or int64");
     *cu_keepalive = cu_seqlens->contiguous();
-    if (dt == at::kLong) {
+    if (cu_keepalive->scalar_type() == at::kLong) {
       s.cu64 = cu_keepalive->const_data_ptr<int64_t>();
     } else {
       s.cu32 = cu_keepalive->const_data_ptr<int32_t>();
     }
-    s.B = cu_seqlens->numel() - 1;
-    s.L = t.size(0);
-    s.D = t.size(1);
-    s.sL = t.stride(0);
-    s.sD = t.stride(1);
-  } else {
-    TORCH_CHECK(t.dim() == 3, "fused_pool: padded input must be [B, L, D], got ", t.sizes());
-    s.B = t.size(0);
-    s.L = t.size(1);
-    s.D = t.size(2);
-    s.sB = t.stride(0);
-    s.sL = t.stride(1);
-    s.sD = t.stride(2);
-    if (mask.has_value()) {
-      TORCH_CHECK(mask->scalar_type() == at::kBool, "fused_pool: mask must be bool");
-      TORCH_CHECK(mask->dim() == 2, "fused_pool: mask must be [B, L], got ", mask->sizes());
-      s.mask = mask->const_data_ptr<bool>();
-      s.mB = mask->stride(0);
-      s.mL = mask->stride(1);
-    }
   }
   return s;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Numerics
-// ---------------------------------------------------------------------------------------------
-
-template <typename A>
-__device__ __forceinline__ A pos_inf() {
-  return std::numeric_limits<A>::infinity();
-}
-
-__device__ __forceinline__ float exp_acc(float v) { return ::expf(v); }
-__device__ __forceinline__ double exp_acc(double v) { return ::exp(v); }
-__device__ __forceinline__ float log_acc(float v) { return ::logf(v); }
-__device__ __forceinline__ double log_acc(double v) { return ::log(v); }
-
-// max/min ordering of the contract (as common.h's beats): NaN beats every number; equal values
-// do not beat each other (the caller decides ties by index).
-template <typename A>
-__device__ __forceinline__ bool beats_dev(A a, A b, bool largest) {
-  const bool na = a != a, nb = b != b;
-  if (na || nb) return na && !nb;
-  return largest ? a > b : a < b;
-}
-
-// A candidate of an arg-max/min reduction: value and token index, -1 for "no token".
-template <typename A>
-struct ValIdx {
-  A v;
-  int64_t i;
-};
-
-// Whether candidate a should be kept over b: any token beats "no token"; otherwise the better
-// value (beats_dev), and among equal values (or two NaNs) the lower index.
-template <typename A>
-__device__ __forceinline__ bool keep_first(const ValIdx<A>& a, const ValIdx<A>& b, bool largest) {
-  if (b.i < 0) return true;
-  if (a.i < 0) return false;
-  if (beats_dev(a.v, b.v, largest)) return true;
-  if (beats_dev(b.v, a.v, largest)) return false;
-  return a.i < b.i;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -217,28 +138,6 @@ __device__ __forceinline__ A warp_sum(A v) {
 }
 
 template <typename A>
-__device__ __forceinline__ A warp_max(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const A u = __shfl_xor_sync(kFullMask, v, o);
-    v = (u > v || u != u) ? u : v;  // NaN propagates
-  }
-  return v;
-}
-
-template <typename A>
-__device__ __forceinline__ ValIdx<A> warp_arg_extremum(ValIdx<A> c, bool largest) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    ValIdx<A> u;
-    u.v = __shfl_xor_sync(kFullMask, c.v, o);
-    u.i = __shfl_xor_sync(kFullMask, c.i, o);
-    if (!keep_first(c, u, largest)) c = u;
-  }
-  return c;
-}
-
-template <typename A>
 __device__ __forceinline__ A block_sum(A v, A* smem) {
   const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
   const int nwarps = (block_threads() + 31) >> 5;
@@ -248,36 +147,6 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
   __syncthreads();
   v = lane < nwarps ? smem[lane] : A(0);
   return warp_sum(v);
-}
-
-template <typename A>
-__device__ __forceinline__ A block_max(A v, A* smem) {
-  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
-  const int nwarps = (block_threads() + 31) >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  v = lane < nwarps ? smem[lane] : -pos_inf<A>();
-  return warp_max(v);
-}
-
-template <typename A>
-__device__ __forceinline__ ValIdx<A> block_arg_extremum(ValIdx<A> c, ValIdx<A>* smem,
-                                                        bool largest) {
-  const int tid = linear_tid(), lane = tid & 31, warp = tid >> 5;
-  const int nwarps = (block_threads() + 31) >> 5;
-  c = warp_arg_extremum(c, largest);
-  __syncthreads();
-  if (lane == 0) smem[warp] = c;
-  __syncthreads();
-  if (lane < nwarps) {
-    c = smem[lane];
-  } else {
-    c.v = A(0);
-    c.i = -1;
-  }
-  return warp_arg_extremum(c, largest);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -349,6 +218,99 @@ inline void vec_switch(bool vec, F&& f) {
     f(std::false_type{});
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The pooling kernels' shapes (pool_cuda.cu and weighted_cuda.cu): a pooling block is kTy warps
+// of kTx lanes, each lane owning kVec<T> consecutive features of a chunk of
+// chunk_width<T>() features; row kernels give each warp one output row.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kTx = 32;      // lanes along features (one warp)
+constexpr int kTy = 8;       // warps along tokens
+constexpr int kUnroll = 4;   // tokens a warp loads before accumulating them
+constexpr int kFlush = 64;   // tokens per partial sum before it is added to the total
+constexpr int kThreads = kTx * kTy;
+
+template <typename T>
+constexpr int64_t chunk_width() {
+  return int64_t(kTx) * kVec<T>;
+}
+
+inline void check_cuda(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.is_cuda(), "fused_pool (cpp, CUDA): ", what, " must be a CUDA tensor");
+}
+
+// Number of (sequence, feature chunk) blocks of a pooling kernel.
+template <typename T>
+inline int64_t pool_blocks(int64_t B, int64_t D, int64_t* nchunk) {
+  *nchunk = ceil_div(D, chunk_width<T>());
+  const int64_t blocks = B * *nchunk;
+  TORCH_CHECK(blocks <= kMaxGridX, "fused_pool: B * ceil(D / ", chunk_width<T>(),
+              ") must be below 2^31, got B = ", B, ", D = ", D);
+  return blocks;
+}
+
+// Rows of an output shaped like x: B * L (padded) or T (packed).
+inline int64_t row_blocks(int64_t rows) {
+  const int64_t blocks = ceil_div(rows, kTy);
+  TORCH_CHECK(blocks <= kMaxGridX, "fused_pool: too many rows: ", rows);
+  return blocks;
+}
+
+// Where row r of an output shaped like x lies: its sequence b (-1: no sequence covers it, only
+// possible for packed input) and its token j.
+__device__ __forceinline__ void locate_row(const SeqLayout& s, int64_t r, int64_t* b, int64_t* j) {
+  if (s.packed()) {
+    *b = s.seq_of_row(r);
+    *j = *b >= 0 ? r - s.cu(*b) : 0;
+  } else {
+    *b = r / s.L;
+    *j = r % s.L;
+  }
+}
+
+// Features [d, d + n) of this lane within a pooling block.
+template <typename T>
+__device__ __forceinline__ int64_t lane_feature(int64_t chunk) {
+  return chunk * chunk_width<T>() + int64_t(threadIdx.x) * kVec<T>;
+}
+
+__device__ __forceinline__ int lane_count(int64_t d, int64_t D, int V) {
+  return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(V, D - d)));
+}
+
+// Two-level per-feature sums (as TokenSum in cpu/cpu_common.h): tokens go into `part`, added
+// into `total` every kFlush tokens, so long sequences keep float32 sums accurate.
+template <typename A, int V>
+struct LaneSum {
+  A total[V], part[V];
+  int pending;
+  __device__ void init() {
+#pragma unroll
+    for (int k = 0; k < V; ++k) total[k] = part[k] = A(0);
+    pending = 0;
+  }
+  __device__ void add(const A (&v)[V], A scale = A(1)) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) part[k] += scale * v[k];
+  }
+  __device__ void token_done() {
+    if (++pending == kFlush) flush();
+  }
+  __device__ void flush() {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      total[k] += part[k];
+      part[k] = A(0);
+    }
+    pending = 0;
+  }
+};
+
+// Valid-token counts per sequence ([B] int64 on s's device) for the mean, mean_max and
+// weighted_layer_mean backwards. Defined in pool_cuda.cu, so that its kernel is compiled once
+// and not into every .cu file that includes this header.
+Tensor valid_counts(const SeqLayout& s, const Tensor& like);
 
 }  // namespace cuda
 }  // namespace fused_pool
