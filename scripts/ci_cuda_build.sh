@@ -107,55 +107,7 @@ echo "ci-cuda: registration check done in $(elapsed "$t") s"
 
 # --- 4. CPU smoke test of this build ------------------------------------------------------
 t=$(date +%s)
-"$PY" - <<'EOF'
-import torch
-
-import fused_pool as fp
-
-torch.manual_seed(0)
-B, L, D, H = 3, 7, 12, 3
-x = torch.randn(B, L, D, dtype=torch.float64)
-mask = torch.rand(B, L) > 0.3
-mask[1] = False  # an empty sequence
-scores = torch.randn(B, L, H, dtype=torch.float64)
-layers = [torch.randn(B, L, D, dtype=torch.float64) for _ in range(3)]
-weights = torch.rand(3, dtype=torch.float64) + 0.5
-cases = {
-    "masked_mean": lambda: fp.masked_mean(x, mask),
-    "masked_max": lambda: fp.masked_max(x, mask),
-    "masked_min": lambda: fp.masked_min(x, mask),
-    "masked_kmax": lambda: fp.masked_kmax(x, mask, k=2),
-    "masked_mean_max": lambda: fp.masked_mean_max(x, mask),
-    "attention_pool": lambda: fp.attention_pool(x, scores, mask),
-    "weighted_layer_pool": lambda: fp.weighted_layer_pool(layers, weights),
-    "weighted_layer_mean": lambda: fp.weighted_layer_mean(layers, weights, mask),
-    "layer_norm": lambda: fp.layer_norm(x, (D,)),
-    "rms_norm": lambda: fp.rms_norm(x, (D,)),
-    "masked_instance_norm": lambda: fp.masked_instance_norm(x, mask),
-}
-inputs = [x, scores, weights, *layers]
-
-
-def run(backend, fn):
-    for t in inputs:
-        t.requires_grad_(True)
-        t.grad = None
-    with fp.use_backend(backend):
-        out = fn()
-        out.backward(torch.ones_like(out))
-    grads = [t.grad.clone() if t.grad is not None else None for t in inputs]
-    return out.detach(), grads
-
-
-for name, fn in cases.items():
-    out, grads = run("cpp", fn)
-    ref, ref_grads = run("torch", fn)
-    torch.testing.assert_close(out, ref, msg=lambda m, n=name: f"{n}: {m}")
-    for g, r in zip(grads, ref_grads):
-        assert (g is None) == (r is None), name
-        if g is not None:
-            torch.testing.assert_close(g, r, msg=lambda m, n=name: f"{n} grad: {m}")
-print(f"ci-cuda: CPU smoke test passed ({len(cases)} ops, forward and backward, cpp == torch)")
-EOF
+# Run from the stage (cwd): the staged fused_pool with this build is the one imported.
+PYTHONPATH="$STAGE" "$PY" "$ROOT/scripts/cpp_smoke.py" "ci-cuda: CPU smoke test of this build"
 echo "ci-cuda: smoke test done in $(elapsed "$t") s"
 echo "ci-cuda: done in $(elapsed "$t_start") s"
