@@ -26,6 +26,27 @@ using acc_t = at::opmath_type<T>;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The accumulation (and statistics) dtype of x: double for double, float for half/bfloat16/float
+// (the twin of fused_pool._schema.acc_dtype).
+inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+inline at::ScalarType acc_scalar_type(const Tensor& x) {
+  return acc_scalar_type(x.scalar_type());
+}
+
+// A norm's weight/bias as a contiguous accumulation-type vector on x's device (undefined when
+// absent).
+inline Tensor param_acc(const OptTensor& p, const Tensor& x) {
+  if (!p.has_value()) return Tensor();
+  return p->to(x.options().dtype(acc_scalar_type(x))).contiguous();
+}
+
+template <typename A>
+const A* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+
 // Every tensor an op touches must live on the device of `x` (the Python layer checks this too;
 // this is the last line of defence against reading another device's memory).
 inline void check_same_device(const Tensor& x, const OptTensor& t, const char* what) {

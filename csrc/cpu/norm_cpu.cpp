@@ -12,21 +12,6 @@ namespace {
 
 constexpr int64_t kRowsPerChunk = 32;
 
-at::ScalarType acc_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Parameters as contiguous accumulation-type vectors (empty when absent).
-Tensor param_acc(const OptTensor& p, const Tensor& x) {
-  if (!p.has_value()) return Tensor();
-  return p->to(x.options().dtype(acc_type(x))).contiguous();
-}
-
-template <typename acc>
-const acc* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<acc>() : nullptr;
-}
-
 // Sums rows of a [chunks, n] partial buffer in chunk order into a tensor of `like`'s dtype.
 template <typename acc>
 Tensor reduce_partials(const std::vector<acc>& partial, int64_t chunks, int64_t n,
@@ -53,8 +38,8 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_forward(const Tensor& x_in, int64_t 
   const int64_t N = c10::multiply_integers(x.sizes().slice(x.dim() - nd));
   const int64_t M = N ? x.numel() / N : c10::multiply_integers(stat_shape);
   Tensor y = empty_cpu(x.sizes(), x.options());
-  Tensor mean = at::empty(stat_shape, x.options().dtype(acc_type(x)));
-  Tensor rstd = at::empty(stat_shape, x.options().dtype(acc_type(x)));
+  Tensor mean = at::empty(stat_shape, x.options().dtype(acc_scalar_type(x)));
+  Tensor rstd = at::empty(stat_shape, x.options().dtype(acc_scalar_type(x)));
   const Tensor w = param_acc(weight, x), bb = param_acc(bias, x);
   FP_DISPATCH(x.scalar_type(), "row_norm_forward", [&] {
     using acc = acc_t<scalar_t>;
@@ -184,8 +169,8 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_cpu(const Tensor& x_in, const O
   const Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), S = c10::multiply_integers(x.sizes().slice(2));
   Tensor y = empty_cpu(x.sizes(), x.options());
-  Tensor mean = at::empty({B, C}, x.options().dtype(acc_type(x)));
-  Tensor rstd = at::empty({B, C}, x.options().dtype(acc_type(x)));
+  Tensor mean = at::empty({B, C}, x.options().dtype(acc_scalar_type(x)));
+  Tensor rstd = at::empty({B, C}, x.options().dtype(acc_scalar_type(x)));
   const Tensor w = param_acc(weight, x), bb = param_acc(bias, x);
   FP_DISPATCH(x.scalar_type(), "instance_norm_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -278,8 +263,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cpu(const Tensor& x, con
   const int64_t rows = cu_seqlens.has_value() ? x.size(0) : 0;
   Tensor y = empty_cpu(x.sizes(), x.options());
   const Seqs ys = make_seqs(y, mask, cu_seqlens);
-  Tensor mean = at::empty({s.B, s.D}, x.options().dtype(acc_type(x)));
-  Tensor rstd = at::empty({s.B, s.D}, x.options().dtype(acc_type(x)));
+  Tensor mean = at::empty({s.B, s.D}, x.options().dtype(acc_scalar_type(x)));
+  Tensor rstd = at::empty({s.B, s.D}, x.options().dtype(acc_scalar_type(x)));
   const Tensor w = param_acc(weight, x), bb = param_acc(bias, x);
   FP_DISPATCH(x.scalar_type(), "masked_instance_norm_cpu", [&] {
     using acc = acc_t<scalar_t>;

@@ -20,7 +20,7 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor> attention_pool_cpu(const Tensor& x, const Tensor& scores_in,
                                               const OptTensor& mask, const OptTensor& cu_seqlens) {
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_scalar_type(x);
   // Scores ([B, L, H], a D/H-th of x) are read in the accumulation type: one small conversion
   // instead of a kernel per (x dtype, scores dtype) pair.
   const Tensor scores = scores_in.to(acc_type);
@@ -84,7 +84,7 @@ std::tuple<Tensor, Tensor> attention_pool_backward_cpu(const Tensor& grad_in, co
                                                        const OptTensor& mask,
                                                        const OptTensor& cu_seqlens,
                                                        const Tensor& out, const Tensor& lse_in) {
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_scalar_type(x);
   const Tensor grad = grad_in.contiguous(), lse = lse_in.contiguous();
   const Tensor scores = scores_in.to(acc_type);
   const bool packed = cu_seqlens.has_value();

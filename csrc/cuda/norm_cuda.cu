@@ -34,21 +34,6 @@ namespace {
 // Shared pieces
 // ---------------------------------------------------------------------------------------------
 
-at::ScalarType acc_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Parameters as contiguous accumulation-type vectors on x's device (undefined when absent).
-Tensor param_acc(const OptTensor& p, const Tensor& x) {
-  if (!p.has_value()) return Tensor();
-  return p->to(x.options().dtype(acc_type(x))).contiguous();
-}
-
-template <typename A>
-const A* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<A>() : nullptr;
-}
-
 template <typename A>
 A* mut_ptr_or_null(Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<A>() : nullptr;
@@ -543,7 +528,7 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_forward(const Tensor& x, int64_t lea
   const auto stat_shape = x.sizes().slice(0, lead);
   const int64_t M = c10::multiply_integers(stat_shape);
   const int64_t N = c10::multiply_integers(x.sizes().slice(lead));
-  const auto stat_opts = x.options().dtype(acc_type(x));
+  const auto stat_opts = x.options().dtype(acc_scalar_type(x));
   Tensor y = at::empty(x.sizes(), x.options());
   Tensor mean = centered ? at::empty(stat_shape, stat_opts) : Tensor();
   Tensor rstd = at::empty(stat_shape, stat_opts);
@@ -607,7 +592,7 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_backward(const Tensor& grad, const T
     if (bias.has_value()) gb = at::zeros(bias->sizes(), bias->options());
     return {gx, gw, gb};
   }
-  const auto acc = acc_type(x);
+  const auto acc = acc_scalar_type(x);
   const Tensor rstd = rstd_in.contiguous();
   const Tensor mean = centered ? mean_in.contiguous() : Tensor();
   TORCH_CHECK(rstd.device() == x.device() && rstd.scalar_type() == acc && rstd.numel() == M,
@@ -968,7 +953,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_cuda(const Tensor& x, co
   Tensor cu_keep;
   const SeqLayout s = make_layout(x, mask, cu_seqlens, &cu_keep);
   const int64_t rows = s.packed() ? x.size(0) : 0;
-  const auto stat_opts = x.options().dtype(acc_type(x));
+  const auto stat_opts = x.options().dtype(acc_scalar_type(x));
   Tensor y = at::empty(x.sizes(), x.options());
   Tensor mean = at::empty({s.B, s.D}, stat_opts);
   Tensor rstd = at::empty({s.B, s.D}, stat_opts);
@@ -1019,7 +1004,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_instance_norm_backward_cuda(
     if (bias.has_value()) gb = at::zeros(bias->sizes(), bias->options());
     return {gx, gw, gb};
   }
-  const auto acc = acc_type(x);
+  const auto acc = acc_scalar_type(x);
   const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   for (const Tensor* t : {&mean, &rstd}) {
     TORCH_CHECK(t->device() == x.device() && t->scalar_type() == acc && t->numel() == s.B * s.D,

@@ -19,10 +19,6 @@ namespace {
 constexpr int kMaxLayers = 16;  // layers per launch of the weighted-layer kernels
 constexpr int64_t kMaxPartialBlocks = 1024;
 
-inline at::ScalarType acc_type_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Softmax numerics in the accumulation type
 // ---------------------------------------------------------------------------------------------
@@ -159,7 +155,7 @@ std::tuple<Tensor, Tensor> attention_pool_cuda(const Tensor& x, const Tensor& sc
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(scores_in.device() == x.device(), "attention_pool: scores must be on ", x.device());
-  const auto acc_type = acc_type_of(x.scalar_type());
+  const auto acc_type = acc_scalar_type(x);
   const Tensor scores = scores_in.to(acc_type);
   Tensor cu, cu_s;  // keep the contiguous cu_seqlens alive until the launches
   const SeqLayout s = make_layout(x, mask, cu_seqlens, &cu);
@@ -263,7 +259,7 @@ std::tuple<Tensor, Tensor> attention_pool_backward_cuda(const Tensor& grad_in, c
                                                         const Tensor& out, const Tensor& lse_in) {
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc_type = acc_type_of(x.scalar_type());
+  const auto acc_type = acc_scalar_type(x);
   const Tensor grad = grad_in.contiguous(), lse = lse_in.to(acc_type).contiguous();
   const Tensor scores = scores_in.to(acc_type);
   Tensor cu, cu_s, cu_g;  // keep the contiguous cu_seqlens alive until the launches
@@ -457,7 +453,7 @@ Tensor weighted_layer_pool_cuda(at::TensorList layers_in, const Tensor& weights)
   const c10::cuda::CUDAGuard guard(layers[0].device());
   const int64_t B = layers[0].size(0), L = layers[0].size(1), D = layers[0].size(2);
   const int64_t N = layers.size();
-  const auto acc_type = acc_type_of(layers[0].scalar_type());
+  const auto acc_type = acc_scalar_type(layers[0].scalar_type());
   Tensor out = at::empty({B, L, D}, layers[0].options());
   if (out.numel() == 0) return out;
   const Tensor wn = normalized_weights(weights, acc_type);
@@ -537,7 +533,7 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_pool_backward_cuda(
               "weighted_layer_pool_backward: grad must match the layers");
   const int64_t B = layers[0].size(0), L = layers[0].size(1), D = layers[0].size(2);
   const int64_t N = layers.size();
-  const auto acc_type = acc_type_of(layers[0].scalar_type());
+  const auto acc_type = acc_scalar_type(layers[0].scalar_type());
   std::vector<Tensor> grads;
   for (const Tensor& h : layers) grads.push_back(at::empty({B, L, D}, h.options()));
   const Tensor wn = normalized_weights(weights, acc_type);
@@ -626,7 +622,7 @@ Tensor weighted_layer_mean_cuda(at::TensorList layers_in, const Tensor& weights,
   Tensor cu;
   const SeqLayout s = make_layout(layers[0], mask, std::nullopt, &cu);
   const int64_t N = layers.size();
-  const auto acc_type = acc_type_of(layers[0].scalar_type());
+  const auto acc_type = acc_scalar_type(layers[0].scalar_type());
   Tensor out = at::empty({s.B, s.D}, layers[0].options());
   if (out.numel() == 0) return out;
   const Tensor wn = normalized_weights(weights, acc_type);
@@ -718,7 +714,7 @@ std::tuple<std::vector<Tensor>, Tensor> weighted_layer_mean_backward_cuda(
   Tensor cu;
   const SeqLayout s = make_layout(layers[0], mask, std::nullopt, &cu);
   const int64_t B = s.B, L = s.L, D = s.D, N = layers.size();
-  const auto acc_type = acc_type_of(layers[0].scalar_type());
+  const auto acc_type = acc_scalar_type(layers[0].scalar_type());
   std::vector<Tensor> grads;
   for (const Tensor& h : layers) grads.push_back(at::empty({B, L, D}, h.options()));
   const Tensor wn = normalized_weights(weights, acc_type);
