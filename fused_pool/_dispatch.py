@@ -5,8 +5,8 @@ Backends (their code and ``torch.library`` namespaces: ``backends/__init__.py``)
 
 * ``"triton"``: Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
   before Triton was imported. ``"auto"`` uses it for CUDA only.
-* ``"cpp"``: the compiled extension ``fused_pool._C`` built from ``csrc/``; CPU kernels and, when
-  built with CUDA, CUDA kernels.
+* ``"cpp"``: the kernels compiled from ``csrc/`` (``fused_pool._C`` from the install, or the
+  first-use build of ``_extension.py``); CPU kernels and, when built with CUDA, CUDA kernels.
 * ``"torch"``: the pure-PyTorch reference; every device.
 
 Importing fused_pool probes every backend once (``probe_all``) and records why one is
