@@ -38,15 +38,17 @@ fi
 "$PY" -c 'import torch; print(f"ci-cuda: torch {torch.__version__}, CUDA {torch.version.cuda}")'
 echo "ci-cuda: environment ready in $(elapsed "$t") s"
 
-# torch takes CUDA_HOME from the nvcc on PATH (its grandparent directory); when that nvcc is a
-# wrapper script, ask nvcc where its toolkit really is, so headers and libcudart are found.
+# The toolkit behind the nvcc on PATH (also when it is a wrapper script), found as setup.py finds
+# it: fused_pool/_extension.py's find_cuda_home, loaded by path (no torch import needed).
 if [ -z "${CUDA_HOME:-}" ]; then
-  command -v nvcc >/dev/null || { echo "ci-cuda: nvcc not found (set CUDA_HOME)" >&2; exit 1; }
-  top=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
-  if [ -n "$top" ] && [ -d "$top" ]; then
-    CUDA_HOME=$(cd "$top" && pwd -P)
-    export CUDA_HOME
-  fi
+  CUDA_HOME=$("$PY" -c '
+import importlib.util
+spec = importlib.util.spec_from_file_location("_ext", "fused_pool/_extension.py")
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)
+print(ext.find_cuda_home() or "")')
+  [ -n "$CUDA_HOME" ] || { echo "ci-cuda: nvcc not found (set CUDA_HOME)" >&2; exit 1; }
+  export CUDA_HOME
 fi
 echo "ci-cuda: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), CUDA_HOME=${CUDA_HOME:-?}"
 
