@@ -12,8 +12,8 @@ from typing import Callable
 import pytest
 import torch
 
-from .helpers import FLOAT_DTYPES as FLOAT_DTYPES
 from .helpers import (
+    FLOAT_DTYPES,
     assert_policy,
     leaf,
     make_mask,
@@ -25,7 +25,7 @@ from .helpers import (
 )
 
 __all__ = [
-    "PoolOp", "pool_inputs", "pool_dims",
+    "PoolOp",
     "test_forward_matches_oracle", "test_backward_matches_oracle", "test_gradcheck_float64",
     "test_gradcheck_float64_packed", "test_packed_equals_padded", "test_padding_never_leaks",
     "test_empty_rows_are_zero", "test_non_contiguous_views", "test_zero_sizes",
