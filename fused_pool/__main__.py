@@ -1,5 +1,5 @@
-"""Command line: ``python -m fused_pool info``, ``python -m fused_pool build`` and ``python -m
-fused_pool bench``."""
+"""Command line: ``python -m fused_pool info``, ``python -m fused_pool build``, ``python -m
+fused_pool bench`` and ``python -m fused_pool gpu-profile``."""
 
 from __future__ import annotations
 
@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["gpu-profile"]:  # likewise: the static sm_90 profile (no GPU needed)
+        from .gpu_profile import main as profile_main
+
+        return profile_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fused_pool", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends")
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                    "first use; for images and offline machines)")
     sub.add_parser("bench", help="benchmark every op against eager, torch.compile and the copy "
                    "bandwidth (python -m fused_pool bench --help)")
+    sub.add_parser("gpu-profile", help="static sm_90 profile of the Triton launches, no GPU "
+                   "needed (python -m fused_pool gpu-profile --help)")
     args = parser.parse_args(argv)
     return build() if args.command == "build" else info()
 

@@ -47,11 +47,22 @@ _ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
 FORCE_SPLIT: int | None = None
 
 
-@functools.cache
+#: The SM count the launch heuristics assume instead of asking the device (set by
+#: ``fused_pool.gpu_profile``, which sizes the grids of a GPU it does not have).
+SMS_OVERRIDE: int | None = None
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 for any other device)."""
     if device.type != "cuda":
         return 1
+    if SMS_OVERRIDE is not None:
+        return SMS_OVERRIDE
+    return _device_sms(device)
+
+
+@functools.cache
+def _device_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
