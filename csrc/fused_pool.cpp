@@ -53,6 +53,19 @@ TORCH_LIBRARY(fused_pool_cpp, m) {
       "rms_norm_backward(Tensor grad, Tensor x, int normalized_ndim, Tensor? weight, Tensor rstd) "
       "-> (Tensor, Tensor)");
   m.def(
+      "add_layer_norm(Tensor x, Tensor residual, int normalized_ndim, Tensor? weight, Tensor? "
+      "bias, float eps, bool return_residual) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "add_layer_norm_backward(Tensor grad, Tensor? grad_sum, Tensor x, Tensor residual, int "
+      "normalized_ndim, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) -> (Tensor, "
+      "Tensor, Tensor)");
+  m.def(
+      "add_rms_norm(Tensor x, Tensor residual, int normalized_ndim, Tensor? weight, float eps, "
+      "bool return_residual) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "add_rms_norm_backward(Tensor grad, Tensor? grad_sum, Tensor x, Tensor residual, int "
+      "normalized_ndim, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def(
       "instance_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, "
       "Tensor)");
   m.def(

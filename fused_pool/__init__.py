@@ -11,6 +11,8 @@ Public API (``docs/api.md``; semantics: ``docs/semantics.md``)::
 from . import _dispatch, nn
 from ._dispatch import available_backends, backend_status, get_backend, set_backend, use_backend
 from .functional import (
+    add_layer_norm,
+    add_rms_norm,
     attention_pool,
     instance_norm,
     layer_norm,
@@ -30,6 +32,8 @@ __version__ = "0.1.0"
 _dispatch.probe_all()
 
 __all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
     "attention_pool",
     "available_backends",
     "backend_status",

@@ -110,6 +110,30 @@ def _fake_rms_norm_backward(grad, x, normalized_ndim, weight, rstd):
     return x.new_empty(x.shape), _param_grad(weight, x)
 
 
+def _sum_out(x: Tensor, return_residual: bool) -> Tensor:
+    return x.new_empty(x.shape if return_residual else (0,))
+
+
+def _fake_add_layer_norm(x, residual, normalized_ndim, weight, bias, eps, return_residual):
+    stat = x.shape[: x.dim() - normalized_ndim]
+    return (x.new_empty(x.shape), _sum_out(x, return_residual), _stats(x, stat),
+            _stats(x, stat))
+
+
+def _fake_add_layer_norm_backward(grad, grad_sum, x, residual, normalized_ndim, weight, bias,
+                                  mean, rstd):
+    return x.new_empty(x.shape), _param_grad(weight, x), _param_grad(bias, x)
+
+
+def _fake_add_rms_norm(x, residual, normalized_ndim, weight, eps, return_residual):
+    stat = x.shape[: x.dim() - normalized_ndim]
+    return x.new_empty(x.shape), _sum_out(x, return_residual), _stats(x, stat)
+
+
+def _fake_add_rms_norm_backward(grad, grad_sum, x, residual, normalized_ndim, weight, rstd):
+    return x.new_empty(x.shape), _param_grad(weight, x)
+
+
 def _fake_instance_norm(x, weight, bias, eps):
     stat = x.shape[:2]
     return x.new_empty(x.shape), _stats(x, stat), _stats(x, stat)
@@ -146,6 +170,10 @@ FAKES: dict[str, Callable] = {
     "layer_norm_backward": _fake_layer_norm_backward,
     "rms_norm": _fake_rms_norm,
     "rms_norm_backward": _fake_rms_norm_backward,
+    "add_layer_norm": _fake_add_layer_norm,
+    "add_layer_norm_backward": _fake_add_layer_norm_backward,
+    "add_rms_norm": _fake_add_rms_norm,
+    "add_rms_norm_backward": _fake_add_rms_norm_backward,
     "instance_norm": _fake_instance_norm,
     "instance_norm_backward": _fake_instance_norm_backward,
     "masked_instance_norm": _fake_masked_instance_norm,
@@ -243,6 +271,35 @@ def _autograd(ops) -> dict[str, tuple[Callable, Callable]]:
         gx, gw = ops.rms_norm_backward(grad, x, ctx.nd, weight, rstd)
         return gx, None, (gw if weight is not None else None), None
 
+    # Fused residual add: one gradient, that of s = x + residual, serves both inputs (as for
+    # torch's add). The gradient of the returned sum exists only when it was returned.
+    def add_layer_norm_setup(ctx, inputs, output):
+        x, residual, nd, weight, bias, _, return_residual = inputs
+        ctx.nd, ctx.return_residual = nd, return_residual
+        ctx.save_for_backward(x, residual, weight, bias, output[2], output[3])
+
+    def _add_grads(ctx, gs):
+        need = ctx.needs_input_grad
+        return (gs if need[0] else None), (gs if need[1] else None)
+
+    def add_layer_norm(ctx, grad, gsum, _gm, _gr):
+        x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+        gsum = gsum if ctx.return_residual else None
+        gs, gw, gb = ops.add_layer_norm_backward(grad, gsum, x, residual, ctx.nd, weight, bias,
+                                                 mean, rstd)
+        return *_add_grads(ctx, gs), None, *_params(gw, gb, weight, bias), None, None
+
+    def add_rms_norm_setup(ctx, inputs, output):
+        x, residual, nd, weight, _, return_residual = inputs
+        ctx.nd, ctx.return_residual = nd, return_residual
+        ctx.save_for_backward(x, residual, weight, output[2])
+
+    def add_rms_norm(ctx, grad, gsum, _gr):
+        x, residual, weight, rstd = ctx.saved_tensors
+        gsum = gsum if ctx.return_residual else None
+        gs, gw = ops.add_rms_norm_backward(grad, gsum, x, residual, ctx.nd, weight, rstd)
+        return *_add_grads(ctx, gs), None, (gw if weight is not None else None), None, None
+
     def instance_norm_setup(ctx, inputs, output):
         x, weight, bias, _ = inputs
         ctx.save_for_backward(x, weight, bias, output[1], output[2])
@@ -271,6 +328,8 @@ def _autograd(ops) -> dict[str, tuple[Callable, Callable]]:
         "weighted_layer_mean": (layers_setup, weighted_layer_mean),
         "layer_norm": (layer_norm_setup, layer_norm),
         "rms_norm": (rms_norm_setup, rms_norm),
+        "add_layer_norm": (add_layer_norm_setup, add_layer_norm),
+        "add_rms_norm": (add_rms_norm_setup, add_rms_norm),
         "instance_norm": (instance_norm_setup, instance_norm),
         "masked_instance_norm": (masked_instance_norm_setup, masked_instance_norm),
     }

@@ -86,6 +86,29 @@ SCHEMAS: dict[str, str] = {
         "(Tensor grad, Tensor x, int normalized_ndim, Tensor? weight, Tensor rstd)"
         " -> (Tensor, Tensor)"
     ),
+    # Fused residual add: the norm of s = x + residual (same shape and dtype), formed in the
+    # accumulation dtype. Returns (y, sum, mean, rstd): `sum` is s in x's dtype when
+    # return_residual, else a zero-size tensor. The backward recomputes s from x and residual
+    # (not from a saved sum: forward then moves 3 tensors instead of 4) and returns one gradient,
+    # that of s, which is the gradient of both x and residual; grad_sum (the gradient of the
+    # returned sum, None when it was not returned) is added into it.
+    "add_layer_norm": (
+        "(Tensor x, Tensor residual, int normalized_ndim, Tensor? weight, Tensor? bias,"
+        " float eps, bool return_residual) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "add_layer_norm_backward": (
+        "(Tensor grad, Tensor? grad_sum, Tensor x, Tensor residual, int normalized_ndim,"
+        " Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)"
+    ),
+    # Returns (y, sum, rstd), as add_layer_norm.
+    "add_rms_norm": (
+        "(Tensor x, Tensor residual, int normalized_ndim, Tensor? weight, float eps,"
+        " bool return_residual) -> (Tensor, Tensor, Tensor)"
+    ),
+    "add_rms_norm_backward": (
+        "(Tensor grad, Tensor? grad_sum, Tensor x, Tensor residual, int normalized_ndim,"
+        " Tensor? weight, Tensor rstd) -> (Tensor, Tensor)"
+    ),
     # x is [B, C, *]; stats are [B, C].
     "instance_norm": (
         "(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)"
@@ -116,8 +139,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                  "weighted_layer_pool_backward", "weighted_layer_mean",
                  "weighted_layer_mean_backward"),
     "norm": ("layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward",
-             "instance_norm", "instance_norm_backward", "masked_instance_norm",
-             "masked_instance_norm_backward"),
+             "add_layer_norm", "add_layer_norm_backward", "add_rms_norm",
+             "add_rms_norm_backward", "instance_norm", "instance_norm_backward",
+             "masked_instance_norm", "masked_instance_norm_backward"),
 }
 
 FORWARD_OPS: tuple[str, ...] = tuple(n for n in SCHEMAS if not n.endswith("_backward"))

@@ -152,6 +152,55 @@ def rms_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
     return _ops_for(x.device).rms_norm(x, len(shape), weight, eps)[0]
 
 
+def _residual(fn: str, x: Tensor, residual) -> Tensor:
+    v.tensor(fn, "residual", residual, floating=True)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"{fn}: residual must have the shape and dtype of x, got residual "
+                         f"{residual.dtype} {v.shape_str(residual)} and x {x.dtype} "
+                         f"{v.shape_str(x)}")
+    v.same_device(fn, "residual", residual, x)
+    return residual
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight: Tensor | None = None,
+                   bias: Tensor | None = None, eps: float = 1e-5, *,
+                   return_residual: bool = False):
+    """``F.layer_norm(x + residual, normalized_shape, weight, bias, eps)`` in one pass.
+
+    ``x`` and ``residual`` have one shape and dtype (any strides). The sum is formed in float32
+    (float64 for float64 input) and never rounded before it is normalized; with
+    ``return_residual=True`` it is returned too, in the input dtype: ``(y, x + residual)`` (for
+    pre-LN blocks, whose next residual stream is that sum). Gradients reach ``x``, ``residual``
+    (the same tensor: that of the sum), ``weight`` and ``bias``, and flow through the returned
+    sum.
+    """
+    fn = "add_layer_norm"
+    v.tensor(fn, "x", x, floating=True)
+    residual = _residual(fn, x, residual)
+    shape = v.normalized_shape(fn, x, normalized_shape)
+    weight = v.param(fn, "weight", weight, shape, x)
+    bias = v.param(fn, "bias", bias, shape, x)
+    rr = bool(return_residual)
+    y, s, _, _ = _ops_for(x.device).add_layer_norm(x, residual, len(shape), weight, bias,
+                                                   v.eps_value(fn, eps), rr)
+    return (y, s) if rr else y
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, normalized_shape, weight: Tensor | None = None,
+                 eps: float | None = None, *, return_residual: bool = False):
+    """``F.rms_norm(x + residual, normalized_shape, weight, eps)`` in one pass (``eps=None``:
+    ``torch.finfo(x.dtype).eps``); the sum and ``return_residual`` as ``add_layer_norm``."""
+    fn = "add_rms_norm"
+    v.tensor(fn, "x", x, floating=True)
+    residual = _residual(fn, x, residual)
+    shape = v.normalized_shape(fn, x, normalized_shape)
+    weight = v.param(fn, "weight", weight, shape, x)
+    eps = torch.finfo(x.dtype).eps if eps is None else v.eps_value(fn, eps)
+    rr = bool(return_residual)
+    y, s, _ = _ops_for(x.device).add_rms_norm(x, residual, len(shape), weight, eps, rr)
+    return (y, s) if rr else y
+
+
 def instance_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                   eps: float = 1e-5) -> Tensor:
     """``x [B, C, *]`` normalized per (sample, channel) over the remaining dims: the same as

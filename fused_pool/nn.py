@@ -136,6 +136,35 @@ class RMSNorm(nn.RMSNorm):
         return fpf.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
+class AddLayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm`` of ``x + residual``, computed by ``fused_pool.add_layer_norm``:
+    ``forward(x, residual)`` equals ``LayerNorm(...)(x + residual)``. Constructor, parameters
+    and ``state_dict`` keys are ``torch.nn.LayerNorm``'s. ``return_residual=True`` makes
+    ``forward`` return ``(y, x + residual)``."""
+
+    def __init__(self, *args, return_residual: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.return_residual = return_residual
+
+    def forward(self, x: Tensor, residual: Tensor):
+        return fpf.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias,
+                                  self.eps, return_residual=self.return_residual)
+
+
+class AddRMSNorm(nn.RMSNorm):
+    """``torch.nn.RMSNorm`` of ``x + residual``, computed by ``fused_pool.add_rms_norm``
+    (constructor and ``state_dict`` keys of ``torch.nn.RMSNorm``; ``return_residual`` as
+    ``AddLayerNorm``)."""
+
+    def __init__(self, *args, return_residual: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.return_residual = return_residual
+
+    def forward(self, x: Tensor, residual: Tensor):
+        return fpf.add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps,
+                                return_residual=self.return_residual)
+
+
 class InstanceNorm1d(nn.InstanceNorm1d):
     """``torch.nn.InstanceNorm1d`` (input statistics only) computed by
     ``fused_pool.instance_norm``; ``[B, C, L]`` or unbatched ``[C, L]`` input."""

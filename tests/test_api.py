@@ -83,6 +83,23 @@ BAD = [
     ("rms weight dtype", lambda: fp.rms_norm(X, 4, torch.ones(4, dtype=torch.long)), TypeError,
      "weight must be a floating"),
     ("eps", lambda: fp.layer_norm(X, 4, eps=-1.0), ValueError, "eps must be a non-negative"),
+    ("residual shape", lambda: fp.add_layer_norm(X, X[:, :2], 4), ValueError,
+     r"add_layer_norm: residual must have the shape and dtype of x.*\(2, 2, 4\).*\(2, 3, 4\)"),
+    ("residual dtype", lambda: fp.add_rms_norm(X, X.double(), 4), ValueError,
+     r"add_rms_norm: residual must have the shape and dtype of x, got residual torch.float64"),
+    ("residual int", lambda: fp.add_layer_norm(X, X.long(), 4), TypeError,
+     "residual must be a floating"),
+    ("residual type", lambda: fp.add_layer_norm(X, 1.0, 4), TypeError,
+     "residual must be a torch.Tensor"),
+    ("residual device", lambda: fp.add_layer_norm(X, X.to("meta"), 4), ValueError,
+     "residual is on meta"),
+    ("add x int", lambda: fp.add_rms_norm(X.long(), X.long(), 4), TypeError,
+     "add_rms_norm: x must be a floating"),
+    ("add normalized_shape", lambda: fp.add_layer_norm(X, X, (3,)), ValueError,
+     r"normalized_shape \[3\] must match the trailing dims of x"),
+    ("add weight", lambda: fp.add_layer_norm(X, X, 4, None, torch.ones(3)), ValueError,
+     r"bias must have shape \(4,\), got \(3,\)"),
+    ("add eps", lambda: fp.add_rms_norm(X, X, 4, eps=-1.0), ValueError, "eps must be"),
     ("instance rank", lambda: fp.instance_norm(X[0]), ValueError, r"\[B, C, \*\]"),
     ("instance spatial", lambda: fp.instance_norm(X[..., :1]), ValueError,
      "more than 1 spatial element"),
@@ -231,6 +248,7 @@ def _op_samples(dev):
     layers = [rand(3, 5, 6, device=dev, requires_grad=True) for _ in range(3)]
     w = torch.tensor([1.0, 2.0, 0.5], device=dev, requires_grad=True)
     nw, nb = rand(6, device=dev, requires_grad=True), rand(6, device=dev, requires_grad=True)
+    res = rand(3, 5, 6, device=dev, requires_grad=True)
     return [
         ("masked_mean", (x, mask, None)), ("masked_mean", (xp, None, cu)),
         ("masked_extremum", (x, mask, None, True)), ("masked_extremum", (xp, None, cu, False)),
@@ -240,6 +258,11 @@ def _op_samples(dev):
         ("weighted_layer_pool", (layers, w)), ("weighted_layer_mean", (layers, w, mask)),
         ("layer_norm", (x, 1, nw, nb, 1e-5)), ("layer_norm", (x, 2, None, None, 1e-5)),
         ("rms_norm", (x, 1, nw, 1e-6)), ("instance_norm", (x, None, None, 1e-5)),
+        ("add_layer_norm", (x, res, 1, nw, nb, 1e-5, False)),
+        ("add_layer_norm", (x, res.detach().transpose(0, 1).contiguous().transpose(0, 1), 2,
+                            None, None, 1e-5, True)),
+        ("add_rms_norm", (x, res, 1, nw, 1e-6, True)),
+        ("add_rms_norm", (x, res, 1, None, 1e-6, False)),
         ("instance_norm", (x.transpose(1, 2), nw, nb, 1e-5)),
         ("masked_instance_norm", (x, mask, None, nw, nb, 1e-5)),
         ("masked_instance_norm", (xp, None, cu, None, nb, 1e-5)),
@@ -281,6 +304,11 @@ def test_opcheck_backward_ops(tgt):
                                                          None, 5))
     y, mean, rstd = ops.layer_norm(x, 1, None, None, 1e-5)
     torch.library.opcheck(ops.layer_norm_backward, (y, x, 1, None, None, mean, rstd))
+    r, nw = rand(3, 5, 6, device=dev), rand(6, device=dev)
+    y, _, mean, rstd = ops.add_layer_norm(x, r, 1, nw, None, 1e-5, False)
+    torch.library.opcheck(ops.add_layer_norm_backward, (y, x, x, r, 1, nw, None, mean, rstd))
+    y, _, rstd = ops.add_rms_norm(x, r, 1, None, 1e-6, False)
+    torch.library.opcheck(ops.add_rms_norm_backward, (y, None, x, r, 1, None, rstd))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +320,7 @@ def _compile_cases(dev):
     s = rand(2, 5, 3, device=dev)
     hs = [rand(2, 5, 6, device=dev) for _ in range(3)]
     w = torch.tensor([1.0, 2.0, 3.0], device=dev)
+    res = rand(2, 5, 6, device=dev)
     return {
         "mean": lambda x: fp.masked_mean(x, mask),
         "max": lambda x: fp.masked_max(x, mask),
@@ -304,6 +333,8 @@ def _compile_cases(dev):
         "layer_mean": lambda x: fp.weighted_layer_mean([x, *hs[1:]], w, mask),
         "layer_norm": lambda x: fp.layer_norm(x, 6),
         "rms_norm": lambda x: fp.rms_norm(x, 6),
+        "add_layer_norm": lambda x: fp.add_layer_norm(x, res, 6),
+        "add_rms_norm_sum": lambda x: sum(fp.add_rms_norm(res, x, 6, return_residual=True)),
         "instance_norm": lambda x: fp.instance_norm(x),
         "masked_instance_norm": lambda x: fp.masked_instance_norm(x, mask),
     }

@@ -116,6 +116,36 @@ def test_rms_norm_module_is_a_drop_in(tgt, kwargs):
     torch.testing.assert_close(mod(x), ref(x))
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}],
+                         ids=str)
+def test_add_layer_norm_module_is_a_drop_in(tgt, kwargs):
+    ref = nn.LayerNorm(6, eps=1e-6, **kwargs).to(tgt.device)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p))
+    mod = fpnn.AddLayerNorm(6, eps=1e-6, **kwargs).to(tgt.device)
+    mod.load_state_dict(ref.state_dict())
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    x, r = rand(3, 4, 6, device=tgt.device), rand(3, 4, 6, device=tgt.device)
+    torch.testing.assert_close(mod(x, r), ref(x + r))
+    ref.load_state_dict(mod.state_dict())  # and back
+    y, s = fpnn.AddLayerNorm(6, return_residual=True).to(tgt.device)(x, r)
+    torch.testing.assert_close(s, x + r)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"eps": 1e-3}, {"elementwise_affine": False}], ids=str)
+def test_add_rms_norm_module_is_a_drop_in(tgt, kwargs):
+    ref = nn.RMSNorm(6, **kwargs).to(tgt.device)
+    if ref.weight is not None:
+        with torch.no_grad():
+            ref.weight.copy_(torch.randn(6))
+    mod = fpnn.AddRMSNorm(6, **kwargs).to(tgt.device)
+    mod.load_state_dict(ref.state_dict())
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    x, r = rand(2, 5, 6, device=tgt.device), rand(2, 5, 6, device=tgt.device)
+    torch.testing.assert_close(mod(x, r), ref(x + r))
+
+
 @pytest.mark.parametrize("affine", [False, True])
 def test_instance_norm_module_is_a_drop_in(tgt, affine):
     ref = nn.InstanceNorm1d(4, affine=affine).to(tgt.device)

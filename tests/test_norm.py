@@ -2,7 +2,9 @@
 (``fused_pool/backends/*/norm.py``, ``csrc/cpu/norm_cpu.cpp``, ``csrc/cuda/norm_cuda.cu``).
 
 1. The contract of every norm on every backend: forward and gradients against the float64
-   oracle and torch's own kernels, gradcheck, strided views, zero sizes.
+   oracle and torch's own kernels, gradcheck, strided views, zero sizes; the same for the fused
+   residual-add norms (``add_layer_norm``, ``add_rms_norm``), plus NaN/Inf rows and the returned
+   sum.
 2. Paths of the Triton kernels the contract's tiny shapes miss: the chunked (looping) path for
    long rows, several row tiles per backward program, two-level row strides, per-channel
    parameters, packed sequences, the float64 eps; each compared with the reference.
@@ -178,6 +180,125 @@ def test_norms_zero_sizes(tgt):
     assert fp.masked_instance_norm(rand(0, 3, 4, device=tgt.device)).shape == (0, 3, 4)
     y = fp.masked_instance_norm(rand(2, 0, 4, device=tgt.device))
     assert y.shape == (2, 0, 4)
+
+# ----------------------------------------------------------------------------------------------
+# Fused residual-add norms: add_layer_norm / add_rms_norm == F.*_norm(x + residual)
+# ----------------------------------------------------------------------------------------------
+
+
+ADD_SHAPES = [((4, 7), (7,)), ((2, 3, 33), (33,)), ((2, 3, 5), (3, 5)), ((2, 769), (769,))]
+
+
+def _add_ref(norm, ns, return_residual):
+    """The oracle of ``add_<norm>``: the plain norm of ``x + residual`` (the sum rounded to
+    ``dt`` first, as plain torch in ``dt`` does); with ``return_residual`` the sum is appended
+    along the last dim so one output carries both gradients."""
+
+    def ref(x, r, *params_dt):
+        *params, dt = params_dt
+        s = x.to(dt) + r.to(dt)
+        if norm == "layer_norm":
+            y = oracle.layer_norm(s, ns, *params, 1e-5, dtype=dt)
+        else:
+            y = oracle.rms_norm(s, ns, params[0], None if dt == torch.float64 else
+                                torch.finfo(x.dtype).eps, dtype=dt)
+        return torch.cat([y, s], -1) if return_residual else y
+
+    return ref
+
+
+def _add_run(norm, ns, return_residual):
+    fn = fp.add_layer_norm if norm == "layer_norm" else fp.add_rms_norm
+
+    def run(x, r, *params):
+        out = fn(x, r, ns, *params, return_residual=return_residual)
+        return torch.cat(out, -1) if return_residual else out
+
+    return run
+
+
+@pytest.mark.parametrize("return_residual", [False, True], ids=["y", "y+sum"])
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("xs,ns", ADD_SHAPES, ids=str)
+def test_add_norms(tgt, dtype, xs, ns, norm, return_residual):
+    if tgt.interpreted and (xs[-1] > 100 or dtype in (torch.float16, torch.bfloat16)):
+        pytest.skip("the interpreter runs the same kernels at the small float shapes")
+    x = rand(*xs, dtype=dtype, device=tgt.device) + 3  # an offset mean stresses the variance
+    r = rand(*xs, dtype=dtype, device=tgt.device)
+    w, b = _params(ns, dtype, tgt.device)
+    params = [w, b] if norm == "layer_norm" else [w]
+    assert_policy_grads(_add_run(norm, ns, return_residual), _add_ref(norm, ns, return_residual),
+                        [x, r, *params], dtype, f"add_{norm} {xs}")
+
+
+@pytest.mark.parametrize("return_residual", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_add_norms_gradcheck_float64(tgt, affine, return_residual):
+    dev = tgt.device
+    x = leaf(rand(3, 5, dtype=torch.float64, device=dev))
+    r = leaf(rand(3, 5, dtype=torch.float64, device=dev))
+    w, b = _params((5,), torch.float64, dev, affine)
+    params = tuple(leaf(t) for t in (w, b) if t is not None)
+    ln, rms = _add_run("layer_norm", (5,), return_residual), _add_run("rms_norm", (5,),
+                                                                       return_residual)
+    assert torch.autograd.gradcheck(lambda x, r, *p: ln(x, r, *p), (x, r, *params))
+    assert torch.autograd.gradcheck(lambda x, r, *p: rms(x, r, *p), (x, r, *params[:1]))
+
+
+def test_add_norms_return_the_exact_sum_and_one_gradient(tgt):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = rand(3, 4, 8, dtype=dtype, device=tgt.device, requires_grad=True)
+        r = rand(3, 4, 8, dtype=dtype, device=tgt.device, requires_grad=True)
+        y, s = fp.add_layer_norm(x, r, 8, return_residual=True)
+        assert torch.equal(s, x + r), "the sum is x + residual rounded once to the input dtype"
+        y2, s2 = fp.add_rms_norm(x, r, 8, return_residual=True)
+        assert torch.equal(s2, s)
+        gx, gr = torch.autograd.grad((y * 2 + s + y2).float().sum(), (x, r))
+        assert torch.equal(gx, gr), "x and residual get the gradient of their sum"
+
+
+def test_add_norms_nan_and_inf_stay_in_their_row(tgt):
+    x = rand(4, 6, device=tgt.device)
+    r = rand(4, 6, device=tgt.device)
+    x[1, 2] = float("nan")
+    x[2, 0], r[2, 0] = float("inf"), float("-inf")  # inf + -inf = nan
+    r[3, 5] = float("inf")
+    w, b = _params((6,), torch.float32, tgt.device)
+    for got, want in ((fp.add_layer_norm(x, r, 6, w, b), F.layer_norm(x + r, (6,), w, b)),
+                      (fp.add_rms_norm(x, r, 6, w), F.rms_norm(x + r, (6,), w))):
+        torch.testing.assert_close(got, want, equal_nan=True)
+        assert got[1:].isnan().all(dim=1).tolist() == want[1:].isnan().all(dim=1).tolist()
+        assert torch.isfinite(got[0]).all(), "a NaN in one row never reaches another"
+
+
+def test_add_norms_non_contiguous(tgt):
+    base = rand(6, 10, device=tgt.device)
+    x = base[::2, 1:8]  # rows strided, features offset
+    r = rand(7, 3, device=tgt.device).t()  # transposed
+    w, b = _params((7,), torch.float32, tgt.device)
+    xc, rc = x.contiguous(), r.contiguous()
+    torch.testing.assert_close(fp.add_layer_norm(x, r, 7, w, b),
+                               fp.add_layer_norm(xc, rc, 7, w, b))
+    torch.testing.assert_close(fp.add_rms_norm(x, r, 7, w), F.rms_norm(xc + rc, (7,), w))
+    g = rand(7, 3, device=tgt.device).t()  # a strided upstream gradient
+    xl, rl = leaf(x), leaf(r)
+    gx, = torch.autograd.grad(fp.add_layer_norm(xl, rl, 7, w, b), xl, g)
+    xl2 = leaf(xc + rc)
+    want, = torch.autograd.grad(F.layer_norm(xl2, (7,), w, b), xl2, g)
+    torch.testing.assert_close(gx, want)
+
+
+def test_add_norms_zero_sizes(tgt):
+    w, b = _params((5,), torch.float32, tgt.device)
+    for shape in ((0, 5), (2, 0, 5)):
+        x, r = leaf(rand(*shape, device=tgt.device)), leaf(rand(*shape, device=tgt.device))
+        wl, bl = leaf(w), leaf(b)
+        y, s = fp.add_layer_norm(x, r, 5, wl, bl, return_residual=True)
+        assert y.shape == s.shape == shape
+        (y.sum() + s.sum()).backward()
+        assert x.grad.shape == shape and (wl.grad == 0).all() and (bl.grad == 0).all()
+        assert fp.add_rms_norm(x, r, 5, wl).shape == shape
 
 # ----------------------------------------------------------------------------------------------
 # Triton paths the contract's shapes miss

@@ -692,6 +692,70 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_backward_cuda(const Tensor& gra
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fused residual add: the row norms of s = x + residual.
+// ---------------------------------------------------------------------------------------------
+
+void check_residual(const Tensor& x, const Tensor& residual) {
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
+                  residual.device() == x.device(),
+              "fused_pool: residual must have the shape, dtype and device of x, got residual ",
+              residual.scalar_type(), " ", residual.sizes(), " on ", residual.device(), " and x ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device());
+}
+
+// s = x + residual in the accumulation type (never rounded to x's dtype before the norm).
+Tensor residual_sum(const Tensor& x, const Tensor& residual) {
+  check_residual(x, residual);
+  const auto acc = acc_scalar_type(x);
+  return x.to(acc).add(residual.to(acc));
+}
+
+Tensor add_sum_grad(const Tensor& gs, const OptTensor& grad_sum, const Tensor& x) {
+  Tensor out = gs;
+  if (grad_sum.has_value()) out = out.add(grad_sum->to(gs.scalar_type()));
+  return out.to(x.scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_cuda(
+    const Tensor& x, const Tensor& residual, int64_t nd, const OptTensor& weight,
+    const OptTensor& bias, double eps, bool return_residual) {
+  const Tensor s = residual_sum(x, residual);
+  auto [y, mean, rstd] = row_norm_forward(s, s.dim() - nd, 0, weight, bias, eps, true);
+  Tensor out = return_residual ? s.to(x.scalar_type()) : at::empty({0}, x.options());
+  return {y.to(x.scalar_type()), out, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_layer_norm_backward_cuda(
+    const Tensor& grad, const OptTensor& grad_sum, const Tensor& x, const Tensor& residual,
+    int64_t nd, const OptTensor& weight, const OptTensor& bias, const Tensor& mean,
+    const Tensor& rstd) {
+  const Tensor s = residual_sum(x, residual);
+  auto [gs, gw, gb] = row_norm_backward(grad.to(s.scalar_type()), s, s.dim() - nd, 0, weight,
+                                        bias, mean, rstd, true);
+  return {add_sum_grad(gs, grad_sum, x), gw, gb};
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_rms_norm_cuda(const Tensor& x, const Tensor& residual,
+                                                     int64_t nd, const OptTensor& weight,
+                                                     double eps, bool return_residual) {
+  const Tensor s = residual_sum(x, residual);
+  auto [y, mean, rstd] = row_norm_forward(s, s.dim() - nd, 0, weight, std::nullopt, eps, false);
+  Tensor out = return_residual ? s.to(x.scalar_type()) : at::empty({0}, x.options());
+  return {y.to(x.scalar_type()), out, rstd};
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm_backward_cuda(const Tensor& grad,
+                                                      const OptTensor& grad_sum, const Tensor& x,
+                                                      const Tensor& residual, int64_t nd,
+                                                      const OptTensor& weight,
+                                                      const Tensor& rstd) {
+  const Tensor s = residual_sum(x, residual);
+  auto [gs, gw, gb] = row_norm_backward(grad.to(s.scalar_type()), s, s.dim() - nd, 0, weight,
+                                        std::nullopt, Tensor(), rstd, false);
+  return {add_sum_grad(gs, grad_sum, x), gw};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Masked InstanceNorm: per (sequence, feature) over the valid tokens; padded outputs are 0.
 // ---------------------------------------------------------------------------------------------
 
@@ -1041,6 +1105,10 @@ TORCH_LIBRARY_IMPL(fused_pool_cpp, CUDA, m) {
   m.impl("layer_norm_backward", &layer_norm_backward_cuda);
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("rms_norm_backward", &rms_norm_backward_cuda);
+  m.impl("add_layer_norm", &add_layer_norm_cuda);
+  m.impl("add_layer_norm_backward", &add_layer_norm_backward_cuda);
+  m.impl("add_rms_norm", &add_rms_norm_cuda);
+  m.impl("add_rms_norm_backward", &add_rms_norm_backward_cuda);
   m.impl("instance_norm", &instance_norm_cuda);
   m.impl("instance_norm_backward", &instance_norm_backward_cuda);
   m.impl("masked_instance_norm", &masked_instance_norm_cuda);

@@ -1,5 +1,6 @@
-"""Reference formulas of the ``norm`` family: LayerNorm, RMSNorm, InstanceNorm and masked
-InstanceNorm, forward and backward (one shared formula, ``_norm_backward``)."""
+"""Reference formulas of the ``norm`` family: LayerNorm, RMSNorm (and their fused residual-add
+forms), InstanceNorm and masked InstanceNorm, forward and backward (one shared formula,
+``_norm_backward``)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,53 @@ def rms_norm_backward(grad, x, normalized_ndim, weight, rstd):
     return gx, gw
 
 
+def _residual_sum(x: Tensor, residual: Tensor) -> Tensor:
+    """``s = x + residual`` in the accumulation dtype (never rounded to x's dtype first)."""
+    acc = acc_dtype(x.dtype)
+    return x.to(acc) + residual.to(acc)
+
+
+def _sum_output(s: Tensor, x: Tensor, return_residual: bool) -> Tensor:
+    return s.to(x.dtype) if return_residual else x.new_empty(0)
+
+
+def _add_sum_grad(gs: Tensor, grad_sum: Tensor | None, x: Tensor) -> Tensor:
+    """The gradient of ``s`` (in the accumulation dtype) plus that of the returned sum."""
+    if grad_sum is not None:
+        gs = gs + grad_sum.to(gs.dtype)
+    return gs.to(x.dtype)
+
+
+def add_layer_norm(x, residual, normalized_ndim, weight, bias, eps, return_residual):
+    """``layer_norm(s)`` with ``s = x + residual`` formed in float32 (float64): ``(y, s in x's
+    dtype or zero-size, mean, rstd)``."""
+    s = _residual_sum(x, residual)
+    y, mean, rstd = layer_norm(s, normalized_ndim, weight, bias, eps)
+    return y.to(x.dtype), _sum_output(s, x, return_residual), mean, rstd
+
+
+def add_layer_norm_backward(grad, grad_sum, x, residual, normalized_ndim, weight, bias, mean,
+                            rstd):
+    """``(d s, dw, db)``: ``d s`` (the gradient of both ``x`` and ``residual``) is the LayerNorm
+    gradient at the recomputed ``s`` plus ``grad_sum``."""
+    gs, gw, gb = layer_norm_backward(grad, _residual_sum(x, residual), normalized_ndim, weight,
+                                     bias, mean, rstd)
+    return _add_sum_grad(gs, grad_sum, x), gw, gb
+
+
+def add_rms_norm(x, residual, normalized_ndim, weight, eps, return_residual):
+    """``rms_norm(s)`` with ``s = x + residual``: ``(y, s or zero-size, rstd)``."""
+    s = _residual_sum(x, residual)
+    y, rstd = rms_norm(s, normalized_ndim, weight, eps)
+    return y.to(x.dtype), _sum_output(s, x, return_residual), rstd
+
+
+def add_rms_norm_backward(grad, grad_sum, x, residual, normalized_ndim, weight, rstd):
+    """``(d s, dw)``, as ``add_layer_norm_backward``."""
+    gs, gw = rms_norm_backward(grad, _residual_sum(x, residual), normalized_ndim, weight, rstd)
+    return _add_sum_grad(gs, grad_sum, x), gw
+
+
 def instance_norm(x, weight, bias, eps):
     """Per (sample, channel) of ``x [B, C, *]``: ``(x - mean) * rstd * w[c] + b[c]``."""
     acc = acc_dtype(x.dtype)
@@ -156,6 +204,10 @@ IMPLEMENTATIONS = {
     "layer_norm_backward": layer_norm_backward,
     "rms_norm": rms_norm,
     "rms_norm_backward": rms_norm_backward,
+    "add_layer_norm": add_layer_norm,
+    "add_layer_norm_backward": add_layer_norm_backward,
+    "add_rms_norm": add_rms_norm,
+    "add_rms_norm_backward": add_rms_norm_backward,
     "instance_norm": instance_norm,
     "instance_norm_backward": instance_norm_backward,
     "masked_instance_norm": masked_instance_norm,

@@ -729,11 +729,63 @@ def masked_instance_norm_backward(grad: Tensor, x: Tensor, mask: Tensor | None,
     return gx, _param_grad(dwp.sum(0), weight, x), _param_grad(dbp.sum(0), bias, x)
 
 
+# ----------------------------------------------------------------------------------------------
+# Fused residual-add norms: the row norms of s = x + residual.
+# ----------------------------------------------------------------------------------------------
+
+
+def _residual_sum(x: Tensor, residual: Tensor) -> Tensor:
+    acc = acc_dtype(x.dtype)
+    return x.to(acc) + residual.to(acc)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, normalized_ndim: int, weight: Tensor | None,
+                   bias: Tensor | None, eps: float, return_residual: bool):
+    """``(y, x + residual or zero-size, mean, rstd)``: LayerNorm of the sum formed in fp32."""
+    s = _residual_sum(x, residual)
+    y, mean, rstd = layer_norm(s, normalized_ndim, weight, bias, eps)
+    out = s.to(x.dtype) if return_residual else x.new_empty(0)
+    return y.to(x.dtype), out, mean, rstd
+
+
+def add_layer_norm_backward(grad: Tensor, grad_sum: Tensor | None, x: Tensor, residual: Tensor,
+                            normalized_ndim: int, weight: Tensor | None, bias: Tensor | None,
+                            mean: Tensor, rstd: Tensor):
+    s = _residual_sum(x, residual)
+    gs, gw, gb = layer_norm_backward(grad.to(s.dtype), s, normalized_ndim, weight, bias, mean,
+                                     rstd)
+    if grad_sum is not None:
+        gs = gs + grad_sum.to(gs.dtype)
+    return gs.to(x.dtype), gw, gb
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, normalized_ndim: int, weight: Tensor | None,
+                 eps: float, return_residual: bool):
+    """``(y, x + residual or zero-size, rstd)``: RMSNorm of the sum formed in fp32."""
+    s = _residual_sum(x, residual)
+    y, rstd = rms_norm(s, normalized_ndim, weight, eps)
+    out = s.to(x.dtype) if return_residual else x.new_empty(0)
+    return y.to(x.dtype), out, rstd
+
+
+def add_rms_norm_backward(grad: Tensor, grad_sum: Tensor | None, x: Tensor, residual: Tensor,
+                          normalized_ndim: int, weight: Tensor | None, rstd: Tensor):
+    s = _residual_sum(x, residual)
+    gs, gw = rms_norm_backward(grad.to(s.dtype), s, normalized_ndim, weight, rstd)
+    if grad_sum is not None:
+        gs = gs + grad_sum.to(gs.dtype)
+    return gs.to(x.dtype), gw
+
+
 IMPLEMENTATIONS = {
     "layer_norm": layer_norm,
     "layer_norm_backward": layer_norm_backward,
     "rms_norm": rms_norm,
     "rms_norm_backward": rms_norm_backward,
+    "add_layer_norm": add_layer_norm,
+    "add_layer_norm_backward": add_layer_norm_backward,
+    "add_rms_norm": add_rms_norm,
+    "add_rms_norm_backward": add_rms_norm_backward,
     "instance_norm": instance_norm,
     "instance_norm_backward": instance_norm_backward,
     "masked_instance_norm": masked_instance_norm,
