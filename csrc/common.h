@@ -60,6 +60,16 @@ inline void check_same_device(const Tensor& x, const OptTensor& t, const char* w
   }
 }
 
+// The residual of a fused residual-add norm is x's twin: same shape, dtype and device (the
+// Python layer checks this too).
+inline void check_residual(const Tensor& x, const Tensor& residual) {
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
+                  residual.device() == x.device(),
+              "fused_pool: residual must have the shape, dtype and device of x, got residual ",
+              residual.scalar_type(), " ", residual.sizes(), " on ", residual.device(), " and x ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device());
+}
+
 // Fills `s` (the CPU kernels' Seqs or the CUDA kernels' SeqLayout, which both have these
 // fields) with the layout of `t` (x, or a gradient shaped like x) given mask/cu_seqlens, after
 // checking shapes, dtypes and devices. Where sequence b's token j lives:

@@ -172,14 +172,6 @@ std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad, const Tenso
 // once and writes the gradient of s, which is the gradient of both x and residual.
 // ---------------------------------------------------------------------------------------------
 
-void check_residual(const Tensor& x, const Tensor& residual) {
-  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
-                  residual.device() == x.device(),
-              "fused_pool: residual must have the shape, dtype and device of x, got residual ",
-              residual.scalar_type(), " ", residual.sizes(), " on ", residual.device(), " and x ",
-              x.scalar_type(), " ", x.sizes(), " on ", x.device());
-}
-
 // Two 16-lane sums in one loop (see lane_sum): sum f(i) and sum g(i), over i < n.
 template <typename acc, typename F, typename G>
 inline void lane_sum2(int64_t n, F&& f, G&& g, acc& out_f, acc& out_g) {

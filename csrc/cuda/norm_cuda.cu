@@ -695,14 +695,6 @@ std::tuple<Tensor, Tensor, Tensor> instance_norm_backward_cuda(const Tensor& gra
 // Fused residual add: the row norms of s = x + residual.
 // ---------------------------------------------------------------------------------------------
 
-void check_residual(const Tensor& x, const Tensor& residual) {
-  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
-                  residual.device() == x.device(),
-              "fused_pool: residual must have the shape, dtype and device of x, got residual ",
-              residual.scalar_type(), " ", residual.sizes(), " on ", residual.device(), " and x ",
-              x.scalar_type(), " ", x.sizes(), " on ", x.device());
-}
-
 // s = x + residual in the accumulation type (never rounded to x's dtype before the norm).
 Tensor residual_sum(const Tensor& x, const Tensor& residual) {
   check_residual(x, residual);
